@@ -1,0 +1,67 @@
+"""
+Checkpoint I/O, the one place for it. Files are written atomically (temp file + rename)
+and read with torch.load(weights_only=True), which never runs code from the file.
+
+out_dir/ckpt.pt  the latest full training state (model, optimizer, RNG states, ...): resume
+out_dir/best.pt  the weights with the best validation loss: sampling and evaluation
+"""
+from pathlib import Path
+
+import torch
+
+from data_utils import UserError, atomic_write
+from model import GPT, GPTConfig
+from tokenizer import VOCAB_SHA256
+
+REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
+
+
+def save_checkpoint(path, state):
+    atomic_write(path, lambda f: torch.save(state, f))
+
+
+def load_checkpoint(path, map_location="cpu"):
+    """A checkpoint dict, or a one-line UserError saying what is wrong with the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: checkpoint not found" + (" (train a model first)" if not path.parent.exists() else ""))
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated, corrupt, not a torch file, or holding code objects
+        reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not a readable MiniGLM checkpoint ({reason})") from None
+    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
+    if ckpt["tokenizer_sha256"] != VOCAB_SHA256:
+        raise UserError(f"{path}: trained with a different tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}…)")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt):
+    model = GPT(GPTConfig(**ckpt["model_args"]))
+    # torch.compile prefixes parameter names with _orig_mod.; strip it from older files
+    state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise UserError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def find_checkpoint(path):
+    """A checkpoint file, or an out_dir: its best.pt, else its ckpt.pt."""
+    path = Path(path)
+    if path.is_dir():
+        for name in ("best.pt", "ckpt.pt"):
+            if (path / name).is_file():
+                return path / name
+        raise UserError(f"{path}: no best.pt or ckpt.pt in this folder (train a model first)")
+    return path
+
+
+def load_model(path, device="cpu"):
+    """(model in eval mode on device, checkpoint dict) from a file or an out_dir."""
+    ckpt = load_checkpoint(find_checkpoint(path))
+    model = model_from_checkpoint(ckpt).to(device).eval()
+    return model, ckpt

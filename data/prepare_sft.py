@@ -1,0 +1,381 @@
+"""
+SFT data: conversations → rows of block_size token ids (sft_{train,val}.bin, uint16) with a
+0/1 loss mask per token (sft_{train,val}_mask.bin, uint8; 1 = answer token or end token)
+and meta.json. The chat template lives in tokenizer.py: 问:{q}\\n答:{a}<|endoftext|>.
+
+  python data/prepare_sft.py                       # the default set, built from real data (see README)
+  python data/prepare_sft.py --input qa.jsonl chats.json notes.txt --out_dir data/my-sft
+  python data/prepare_sft.py --pack --show 2       # packed rows; print the mask of 2 samples
+
+Input formats, detected per record (or forced with --format):
+  text      问:...\\n答:... blocks separated by blank lines (.txt; several 问/答 = multi-turn)
+  qa        {"question": ..., "answer": ...}
+  alpaca    {"instruction": ..., "input": ..., "output": ...}
+  chatglm3  {"conversations": [{"role", "content", "loss"?, "metadata"?}], "tools"?: [...]}
+  glm4      {"messages": [{"role", "content", "loss"?, "tool_calls"?}], "tools"?: [...]}
+  sharegpt  {"conversations": [{"from", "value"}], "system"?: ..., "tools"?: ...}
+"""
+import argparse
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
+from tokenizer import EOT, VOCAB_SHA256, decode, get_tokenizer, render_conversation  # noqa: E402
+
+DATA_DIR = Path(__file__).resolve().parent
+FORMATS = ("auto", "text", "qa", "alpaca", "chatglm3", "glm4", "sharegpt")
+ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
+                "observation": "observation", "tool": "observation", "function_response": "observation",
+                "function_call": "assistant"}
+
+
+class BadRecord(ValueError):
+    pass
+
+
+# ------------------------------------------------------------------ records → conversations
+def _message(role, content, loss=None, tool=None):
+    if role not in ROLE_ALIASES:
+        raise BadRecord(f"unknown role {role!r}")
+    if not isinstance(content, str):
+        raise BadRecord(f"{role} content is not a string")
+    m = {"role": ROLE_ALIASES[role], "content": content}
+    if loss is not None:
+        if not isinstance(loss, bool):
+            raise BadRecord(f"loss flag must be true or false, got {loss!r}")
+        m["loss"] = loss
+    if tool:
+        m["tool"] = tool
+    return m
+
+
+def _turns(items, role_key, content_key):
+    if not isinstance(items, list) or not items:
+        raise BadRecord("conversation is empty or not a list")
+    messages = []
+    for t in items:
+        if not isinstance(t, dict) or role_key not in t or content_key not in t:
+            raise BadRecord(f"each turn needs {role_key!r} and {content_key!r}")
+        role, content, tool = t[role_key], t[content_key], t.get("metadata") or None
+        if role == "function_call" or t.get("tool_calls"):  # ShareGPT / OpenAI-style tool call
+            calls = t.get("tool_calls") or [content]
+            call = calls[0] if isinstance(calls[0], dict) else _json_or(calls[0])
+            fn = call.get("function", call) if isinstance(call, dict) else {}
+            tool = fn.get("name") or "tool"
+            if not content:
+                args = fn.get("arguments", "")
+                content = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+            role = "assistant"
+        messages.append(_message(role, content, t.get("loss"), tool))
+    return messages
+
+
+def _json_or(text):
+    try:
+        return json.loads(text)
+    except (TypeError, json.JSONDecodeError):
+        return {}
+
+
+def detect_format(r):
+    if "question" in r or "answer" in r:
+        return "qa"
+    if "instruction" in r or "output" in r:
+        return "alpaca"
+    if "messages" in r:
+        return "glm4"
+    conv = r.get("conversations")
+    if isinstance(conv, list) and conv and isinstance(conv[0], dict):
+        return "sharegpt" if "from" in conv[0] else "chatglm3"
+    raise BadRecord("unknown record format (expected question/answer, instruction/output, messages or conversations)")
+
+
+def to_conversation(r, fmt="auto"):
+    """Any supported record → {"messages": [...], "tools": ...} in the internal format."""
+    if not isinstance(r, dict):
+        raise BadRecord("record is not a JSON object")
+    fmt = detect_format(r) if fmt == "auto" else fmt
+    tools = r.get("tools") or None
+    if fmt == "qa":
+        if not isinstance(r.get("question"), str) or not isinstance(r.get("answer"), str):
+            raise BadRecord("qa record needs string fields 'question' and 'answer'")
+        messages = [_message("user", r["question"]), _message("assistant", r["answer"])]
+    elif fmt == "alpaca":
+        if not isinstance(r.get("instruction"), str) or not isinstance(r.get("output"), str):
+            raise BadRecord("alpaca record needs string fields 'instruction' and 'output'")
+        prompt = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
+        messages = ([_message("system", r["system"])] if r.get("system") else []) + [
+            _message("user", prompt), _message("assistant", r["output"])]
+    elif fmt == "chatglm3":
+        messages = _turns(r.get("conversations"), "role", "content")
+    elif fmt == "glm4":
+        messages = _turns(r.get("messages"), "role", "content")
+    elif fmt == "sharegpt":
+        messages = _turns(r.get("conversations"), "from", "value")
+        if r.get("system"):
+            messages.insert(0, _message("system", r["system"]))
+        if isinstance(tools, str):
+            tools = _json_or(tools) or tools
+    else:
+        raise BadRecord(f"format {fmt!r} is not a JSON record format")
+    for m in messages:
+        if m["role"] == "assistant" and not m["content"].strip() and m.get("loss", True):
+            raise BadRecord("empty answer")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise BadRecord("no assistant turn to learn from")
+    return {"messages": messages, "tools": tools}
+
+
+def parse_text_blocks(text):
+    """问:/答: blocks separated by blank lines → [(line number, conversation)]; a line
+    without a marker continues the turn above it (multi-line answers, poems)."""
+    out, block, start = [], [], None
+    for lineno, line in enumerate(text.splitlines() + [""], 1):
+        if line.strip():
+            start = start or lineno
+            block.append(line)
+            continue
+        if block:
+            messages = []
+            for ln in block:
+                m = re.match(r"^\s*(问|答)\s*[:：](.*)$", ln)
+                if m:
+                    messages.append({"role": "user" if m.group(1) == "问" else "assistant", "content": m.group(2).strip()})
+                elif messages:
+                    messages[-1]["content"] += "\n" + ln.strip()
+                else:
+                    out.append((start, BadRecord("a block must start with 问: or 答:")))
+                    break
+            else:
+                try:
+                    out.append((start, to_conversation({"messages": messages}, "glm4")))
+                except BadRecord as e:
+                    out.append((start, e))
+        block, start = [], None
+    return out
+
+
+def read_records(path, fmt, strict):
+    """(conversations, bad) of one input file; bad lists 'file:line: problem'."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path} not found")
+    convs, bad = [], []
+
+    def report(where, err):
+        if strict:
+            raise UserError(f"{path}:{where}: {err}")
+        bad.append(f"{path}:{where}: {err}")
+
+    if fmt == "text" or (fmt == "auto" and path.suffix == ".txt"):
+        for lineno, item in parse_text_blocks(path.read_text(encoding="utf-8")):
+            report(lineno, item) if isinstance(item, Exception) else convs.append(item)
+        return convs, bad
+    if path.suffix == ".json":  # a JSON list of records
+        try:
+            records = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        numbered = [(f"record {i + 1}", r) for i, r in enumerate(records if isinstance(records, list) else [records])]
+    else:
+        lines, bad_json = read_jsonl(path, strict=strict)
+        numbered = list(lines)
+        bad += bad_json
+    for where, r in numbered:
+        try:
+            convs.append(to_conversation(r, fmt))
+        except BadRecord as e:
+            report(where, e)
+    return convs, bad
+
+
+# ------------------------------------------------------------------ the default data set
+def clauses(lines):
+    """Poem lines split into half-lines: 床前明月光，疑是地上霜。 → 床前明月光 / 疑是地上霜"""
+    return [c for ln in lines for c in re.split(r"[，,。？！；：、?!;:]", ln) if c.strip()]
+
+
+def poem_conversations(poem, rng):
+    """Questions about one poem, answered from its text."""
+    title, author, lines = poem["title"], poem["author"], poem["lines"]
+    body = "\n".join(lines)
+    qa = [(f"请背诵《{title}》。", body)]
+    if author:
+        qa += [(f"《{title}》的作者是谁?", f"《{title}》的作者是{author}。"),
+               (f"请写出{author}的《{title}》。", body)]
+    half = clauses(lines)
+    for i in sorted(rng.sample(range(len(half) - 1), min(3, len(half) - 1))):
+        qa.append((f"“{half[i]}”的下一句是什么?", f"“{half[i]}”的下一句是“{half[i + 1]}”。"))
+    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
+    if author:  # one two-turn session per poem, so the model sees follow-up questions too
+        convs.append({"messages": [{"role": "user", "content": f"《{title}》是谁写的?"},
+                                   {"role": "assistant", "content": f"是{author}写的。"},
+                                   {"role": "user", "content": "请背诵这首诗。"},
+                                   {"role": "assistant", "content": body}]})
+    return convs
+
+
+def chatterbot_conversations():
+    """PyPI chatterbot-corpus (BSD): Chinese dialogues, alternate turns user/assistant."""
+    try:
+        import chatterbot_corpus
+        import yaml
+    except ImportError:
+        return []
+    convs = []
+    for path in sorted((Path(chatterbot_corpus.__file__).parent / "data" / "chinese").glob("*.yml")):
+        for turns in yaml.safe_load(path.read_text(encoding="utf-8")).get("conversations", []):
+            turns = [str(t).strip() for t in turns if str(t).strip()]
+            if len(turns) >= 2:
+                roles = ["user", "assistant"] * len(turns)
+                convs.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns[:len(turns) // 2 * 2])]})
+    return convs
+
+
+def default_groups(poems_path, seed):
+    """Groups of conversations for the default set: one group per poem (so a held-out poem
+    has none of its questions in training) and one per dialogue."""
+    if not Path(poems_path).exists():
+        raise UserError(f"{poems_path} not found: run data/fetch_data.py fortunes-zh first")
+    rng = random.Random(seed)
+    records, _ = read_jsonl(poems_path)
+    poems = [r for _, r in records if r.get("lines") and r.get("title")]
+    if not poems:
+        raise UserError(f"{poems_path}: no poems (documents with title and lines) to build questions from")
+    groups = [poem_conversations(p, rng) for p in poems]
+    dialogues = chatterbot_conversations()
+    print(f"default SFT set: {len(poems):,} poems from {poems_path}, {len(dialogues):,} chatterbot-corpus dialogues")
+    return groups + [[d] for d in dialogues]
+
+
+# ------------------------------------------------------------------ tokens, rows, files
+def tokenize_all(convs, block_size, stats):
+    """(ids, mask) per conversation, right-truncated to block_size; a sample left with no
+    trained target (mask[1:] all 0) is skipped and counted."""
+    out = []
+    for conv in convs:
+        ids, mask = render_conversation(conv["messages"], conv.get("tools"))
+        if len(ids) > block_size:
+            ids, mask = ids[:block_size], mask[:block_size]
+            stats["truncated"] += 1
+        if not any(mask[1:]):
+            stats["skipped_no_trained_token"] += 1
+            continue
+        out.append((ids, mask))
+    return out
+
+
+def to_rows(samples, block_size, pack):
+    """Arrays (ids, mask, segment ids or None), each [rows, block_size]. Padding: one
+    sample per row, padded with <|endoftext|> (mask 0). Packing: samples follow each
+    other in a row until the next one does not fit; segment ids 1, 2, ... tell them apart."""
+    rows = []
+    for ids, mask in samples:
+        if pack and rows and len(rows[-1][0]) + len(ids) <= block_size:
+            seg = rows[-1][2][-1] + 1
+            rows[-1] = (rows[-1][0] + ids, rows[-1][1] + mask, rows[-1][2] + [seg] * len(ids))
+        else:
+            rows.append((ids, mask, [1] * len(ids)))
+    n = len(rows)
+    ids_arr = np.full((n, block_size), EOT, dtype=np.uint16)
+    mask_arr = np.zeros((n, block_size), dtype=np.uint8)
+    seg_arr = np.zeros((n, block_size), dtype=np.uint16)
+    for i, (ids, mask, seg) in enumerate(rows):
+        ids_arr[i, :len(ids)], mask_arr[i, :len(mask)], seg_arr[i, :len(seg)] = ids, mask, seg
+    return ids_arr, mask_arr, (seg_arr if pack else None)
+
+
+def show_samples(ids, mask, n):
+    """Each token's text, id and training target (-100 where the loss is masked)."""
+    for r in range(min(n, len(ids))):
+        used = int(np.nonzero(ids[r] != EOT)[0].max()) + 2 if (ids[r] != EOT).any() else 1
+        print(f"--- sample {r}: {decode(ids[r, :used - 1])!r}")
+        print("   pos |    id | token            | target (the next id, or -100 where masked)")
+        for t in range(min(used, len(ids[r]) - 1)):
+            target = int(ids[r, t + 1]) if mask[r, t + 1] else -100
+            print(f"{t:6d} | {int(ids[r, t]):5d} | {token_text(ids[r, t]):16} | {target}")
+
+
+def token_text(token_id):
+    """A token's text, or its bytes where it holds part of a multi-byte character."""
+    raw = get_tokenizer().decode_single_token_bytes(int(token_id))
+    try:
+        return repr(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        return str(raw)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", nargs="+", help="SFT files (.jsonl, .json, .txt); default: the built-in set")
+    parser.add_argument("--format", default="auto", choices=FORMATS)
+    parser.add_argument("--poems", default=str(DATA_DIR / "fortunes-zh" / "docs.jsonl"),
+                        help="documents with poems for the default set")
+    parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
+    parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
+    parser.add_argument("--pack", action="store_true", help="several samples per row instead of padding")
+    parser.add_argument("--val_fraction", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="print the tokens and targets of N samples")
+    args = parser.parse_args()
+    if not 2 <= args.block_size <= 65536:
+        raise UserError(f"--block_size must be between 2 and 65536, got {args.block_size}")
+
+    bad = []
+    if args.input:
+        groups = []
+        for path in args.input:
+            convs, bad_here = read_records(path, args.format, args.strict)
+            groups += [[c] for c in convs]
+            bad += bad_here
+        if bad:
+            print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}")
+    else:
+        groups = default_groups(args.poems, args.seed)
+    if len(groups) < 2:
+        raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
+
+    order = list(range(len(groups)))
+    random.Random(args.seed).shuffle(order)
+    n_val = min(max(1, round(len(groups) * args.val_fraction)), len(groups) - 1)
+    splits = {"val": [c for g in order[:n_val] for c in groups[g]], "train": [c for g in order[n_val:] for c in groups[g]]}
+
+    out_dir = Path(args.out_dir)
+    stats = {"truncated": 0, "skipped_no_trained_token": 0}
+    meta = {"block_size": args.block_size, "packed": args.pack, "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256,
+            "malformed_records": len(bad), "seed": args.seed, "source": args.input or args.poems}
+    for split, convs in splits.items():
+        samples = tokenize_all(convs, args.block_size, stats)
+        if not samples:
+            raise UserError(f"no usable {split} samples (all truncated to nothing trainable?)")
+        ids, mask, seg = to_rows(samples, args.block_size, args.pack)
+        atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
+        atomic_write(out_dir / f"sft_{split}_mask.bin", lambda f: f.write(mask.tobytes()))
+        if seg is not None:
+            atomic_write(out_dir / f"sft_{split}_seg.bin", lambda f: f.write(seg.tobytes()))
+        else:
+            (out_dir / f"sft_{split}_seg.bin").unlink(missing_ok=True)
+        atomic_write(out_dir / f"sft_{split}.jsonl",
+                     lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in convs), mode="w")
+        meta[f"{split}_samples"], meta[f"{split}_rows"] = len(samples), len(ids)
+        meta[f"{split}_mask_share"] = float(mask.mean())
+        meta[f"{split}_trained_tokens"] = int(mask.sum())
+        print(f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
+              f"{mask.mean() * 100:.1f}% of tokens trained")
+        if split == "train" and args.show:
+            show_samples(ids, mask, args.show)
+    meta.update(stats)
+    write_json(out_dir / "meta.json", meta)
+    print(f"truncated {stats['truncated']}, skipped (no trained token) {stats['skipped_no_trained_token']}; "
+          f"wrote {out_dir}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

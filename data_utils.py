@@ -1,0 +1,184 @@
+"""
+Shared plumbing for the scripts: user-facing errors, atomic file writes, the documents
+format written by data/fetch_data.py, and the training batches (pretrain windows from a
+uint16 memmap; SFT rows with their loss mask).
+"""
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+class UserError(Exception):
+    """Bad input or setup: shown as one line ('error: ...'), never as a traceback."""
+
+
+def run_cli(main):
+    """Run a script's main(), turning UserError (and Ctrl-C) into a one-line message."""
+    try:
+        main()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+def pick_device(name="auto"):
+    """'auto' = cuda > mps > cpu; anything else is used as given."""
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def atomic_write(path, write_fn, mode="wb"):
+    """Write through a temp file in the same folder, then rename: a crash never leaves a
+    half-written file under the real name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path, obj):
+    atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=2), mode="w")
+
+
+def read_jsonl(path, strict=True):
+    """Yield (line number, record) from a JSONL file; a bad line is a UserError naming
+    file:line when strict, else it is skipped and counted in the returned list `bad`."""
+    bad = []
+
+    def records():
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    if strict:
+                        raise UserError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+                    bad.append(f"{path}:{lineno}: bad JSON ({e.msg})")
+    return records(), bad
+
+
+# ----------------------------------------------------------------------------------
+# Batches. Training draws the row choice for a whole iteration (all micro-steps of all
+# ranks) from one seeded generator, so the data order does not depend on the number
+# of processes, and a resumed run draws exactly what the uninterrupted one would have.
+
+def require_file(path, hint):
+    if not Path(path).exists():
+        raise UserError(f"{path} not found: {hint}")
+
+
+class PretrainData:
+    """Token ids in data_dir/{train,val}.bin (uint16); a row is a random window of
+    block_size + 1 tokens, x = window[:-1], y = window[1:]."""
+
+    def __init__(self, data_dir, block_size):
+        self.data_dir, self.block_size = Path(data_dir), block_size
+        for split in ("train", "val"):
+            require_file(self.data_dir / f"{split}.bin", "run data/prepare.py first")
+            if self.num_tokens(split) <= block_size + 1:
+                raise UserError(f"{self.data_dir / f'{split}.bin'} holds {self.num_tokens(split)} tokens, "
+                                f"too few for block_size {block_size}")
+
+    def _memmap(self, split):
+        # reopened on every call: a long-lived np.memmap keeps every page it touched
+        # mapped, and memory grows over a long run (the leak nanoGPT works around)
+        return np.memmap(self.data_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+
+    def num_tokens(self, split):
+        return os.path.getsize(self.data_dir / f"{split}.bin") // 2
+
+    def sample_rows(self, split, n, generator):
+        return torch.randint(self.num_tokens(split) - self.block_size, (n,), generator=generator)
+
+    def load(self, split, rows, device):
+        data = self._memmap(split)
+        windows = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()]).astype(np.int64))
+        return to_device(dict(x=windows[:, :-1], y=windows[:, 1:]), device)
+
+    def get_batch(self, split, batch_size, generator=None, device="cpu"):
+        return self.load(split, self.sample_rows(split, batch_size, generator), device)
+
+
+class SFTData:
+    """Rows of block_size token ids in data_dir/sft_{split}.bin (uint16) with a 0/1 mask
+    per token in sft_{split}_mask.bin (1 = answer token or end token) and, for packed data,
+    segment ids in sft_{split}_seg.bin. x = row[:-1], y = row[1:], loss_mask = mask[1:]:
+    the loss on predicting token t+1 counts iff token t+1 is an answer token."""
+
+    def __init__(self, data_dir, block_size):
+        self.data_dir = Path(data_dir)
+        require_file(self.data_dir / "meta.json", "run data/prepare_sft.py first")
+        meta = json.loads((self.data_dir / "meta.json").read_text())
+        if "block_size" not in meta:
+            raise UserError(f"{self.data_dir / 'meta.json'} is not SFT metadata (no block_size); "
+                            f"is this a pretraining folder?")
+        if meta["block_size"] > block_size + 1:
+            raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model's "
+                            f"block_size is {block_size}: re-run prepare_sft.py --block_size={block_size + 1} or less")
+        self.row_len, self.packed = meta["block_size"], meta.get("packed", False)
+        for split in ("train", "val"):
+            require_file(self.data_dir / f"sft_{split}.bin", "run data/prepare_sft.py first")
+
+    def _arrays(self, split):
+        def open_(suffix, dtype):
+            return np.memmap(self.data_dir / f"sft_{split}{suffix}.bin", dtype=dtype, mode="r").reshape(-1, self.row_len)
+        ids, mask = open_("", np.uint16), open_("_mask", np.uint8)
+        return ids, mask, (open_("_seg", np.uint16) if self.packed else None)
+
+    def num_rows(self, split):
+        return os.path.getsize(self.data_dir / f"sft_{split}.bin") // (2 * self.row_len)
+
+    def sample_rows(self, split, n, generator):
+        return torch.randint(self.num_rows(split), (n,), generator=generator)
+
+    def load(self, split, rows, device):
+        ids, mask, seg = self._arrays(split)
+        rows = rows.numpy()
+        ids = torch.from_numpy(ids[rows].astype(np.int64))
+        mask = torch.from_numpy(mask[rows].astype(np.int64))
+        batch = dict(x=ids[:, :-1], y=ids[:, 1:], loss_mask=mask[:, 1:])
+        if seg is not None:
+            seg = torch.from_numpy(seg[rows].astype(np.int64))
+            # a target that starts the next packed sample is not this sample's to predict
+            batch["loss_mask"] = batch["loss_mask"] * (seg[:, 1:] == seg[:, :-1])
+            batch["segment_ids"] = seg[:, :-1]
+        return to_device(batch, device)
+
+    def get_batch(self, split, batch_size, generator=None, device="cpu"):
+        return self.load(split, self.sample_rows(split, batch_size, generator), device)
+
+
+def to_device(batch, device):
+    if str(device).startswith("cuda"):  # pinned memory lets the copy overlap with compute
+        return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def open_data(data_dir, block_size):
+    """SFT data if the folder holds sft_train.bin, else pretraining data."""
+    if (Path(data_dir) / "sft_train.bin").exists():
+        return SFTData(data_dir, block_size)
+    return PretrainData(data_dir, block_size)

@@ -1,0 +1,244 @@
+"""
+A decoder-only GPT in the style of nanoGPT: pre-LayerNorm blocks, causal attention through
+F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and scaled
+residual init. forward() takes an optional loss_mask (SFT) and optional segment ids
+(packed SFT blocks: attention and positions stay inside each sample); generate() and
+generate_stream() use a KV cache.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 512
+    vocab_size: int = 50304  # GPT-2's 50257 padded to a multiple of 64
+    n_layer: int = 6
+    n_head: int = 8
+    n_embd: int = 512
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear/LayerNorm: slightly slower, no better at this size
+
+
+class KVCache:
+    """Per-layer keys/values for incremental decoding; `length` tokens are filled."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.n_head = config.n_head
+        self.dropout = config.dropout
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        B, T, C = x.size()
+        q, k, v = self.c_attn(x).split(C, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        is_causal = attn_mask is None
+        if cache is not None:
+            start = cache.length
+            cache.k[layer][:, :, start:start + T] = k
+            cache.v[layer][:, :, start:start + T] = v
+            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
+            if start > 0:  # new queries see the whole cached prefix plus a causal part of themselves
+                is_causal = False
+                if T > 1:
+                    attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.mlp = MLP(config)
+
+    def forward(self, x, attn_mask=None, cache=None, layer=0):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+        return x + self.mlp(self.ln_2(x))
+
+
+def packed_positions_and_mask(segment_ids):
+    """For packed blocks: positions restart at 0 in each segment, and a token attends only
+    to earlier tokens of its own segment (block-diagonal causal mask, True = attend)."""
+    B, T = segment_ids.shape
+    t = torch.arange(T, device=segment_ids.device)
+    starts_here = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts_here[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    segment_start = torch.where(starts_here, t, 0).cummax(dim=1).values
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
+    return t - segment_start, (same_segment & causal)[:, None]
+
+
+def masked_cross_entropy(logits, targets, loss_mask=None):
+    """Mean cross-entropy; with a 0/1 loss_mask (aligned to targets), the mean over the
+    positions where the mask is 1 only."""
+    losses = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                             reduction="none", ignore_index=-100)
+    if loss_mask is None:
+        return losses.sum() / (targets != -100).sum().clamp(min=1)
+    mask = loss_mask.reshape(-1).to(losses.dtype)
+    return (losses * mask).sum() / mask.sum().clamp(min=1)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.apply(self._init_weights)
+        # GPT-2 scaled init: each residual branch adds to the stream, so shrink its output
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, nn.Linear):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            torch.nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_params(self, non_embedding=False):
+        """All parameters (the tied embedding counted once); non_embedding drops the
+        position embedding too, as nanoGPT's FLOP estimate does."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx, targets=None, loss_mask=None, segment_ids=None, kv_cache=None,
+                last_logits_only=False):
+        B, T = idx.size()
+        start = kv_cache.length if kv_cache is not None else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        attn_mask = None
+        if segment_ids is not None:
+            pos, attn_mask = packed_positions_and_mask(segment_ids)
+        else:
+            pos = torch.arange(start, start + T, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, attn_mask, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += T
+        x = self.transformer.ln_f(x)
+        if last_logits_only:  # generation needs only the next-token distribution
+            return self.lm_head(x[:, [-1], :]), None
+        if loss_mask is not None and targets is not None and not torch.compiler.is_compiling():
+            # SFT: only answer positions count, so project only those onto the vocabulary.
+            # Same loss, a fraction of the lm_head + softmax work (most of a small model's
+            # cost); the returned logits are then those of the masked positions only.
+            # (Under torch.compile the data-dependent shape would recompile: full path there.)
+            keep = loss_mask.bool()
+            logits = self.lm_head(x[keep])
+            return logits, masked_cross_entropy(logits, targets[keep])
+        logits = self.lm_head(x)
+        loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
+        return logits, loss
+
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+        # decay the matrices (matmuls, embeddings); not the LayerNorm gains or biases
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward), PaLM appendix B style."""
+        c = self.config
+        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
+
+    @torch.no_grad()
+    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                        stop_token=None, use_cache=True, generator=None):
+        """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
+        Stops early once every row has produced stop_token. The KV cache path gives the
+        same tokens as recomputing the context; past block_size the context is cropped to
+        the last block_size tokens, which a cache cannot reuse, so those steps recompute."""
+        block = self.config.block_size
+        cache = None
+        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        for _ in range(max_new_tokens):
+            if use_cache and idx.size(1) <= block:
+                if cache is None or cache.length != idx.size(1) - 1:  # (re)fill from the prompt
+                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    logits, _ = self(idx, kv_cache=cache, last_logits_only=True)
+                else:
+                    logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True)
+            else:
+                logits, _ = self(idx[:, -block:], last_logits_only=True)
+            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            if stop_token is not None:
+                next_id = torch.where(done, torch.full_like(next_id, stop_token), next_id)
+                done |= next_id == stop_token
+            idx = torch.cat((idx, next_id[:, None]), dim=1)
+            yield next_id
+            if stop_token is not None and bool(done.all()):
+                return
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, **kwargs):
+        """idx (B, T) → (B, T + new tokens), as generate_stream produces them."""
+        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
+        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
+
+
+def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id per row from (B, V) logits."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and 0 < top_p < 1:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # drop a token once the tokens before it already hold top_p of the mass
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
+        drop = drop_sorted.scatter(1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
