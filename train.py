@@ -152,8 +152,7 @@ def truncate_log(log_path, iter_num):
     """On resume, forget log lines past the checkpoint: they are about to be redone."""
     if log_path.exists():
         lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln)["iter"] < iter_num
-                or (json.loads(ln)["iter"] == iter_num and json.loads(ln)["kind"] == "eval")]
+        keep = [ln for ln in lines if json.loads(ln)["iter"] <= iter_num]
         log_path.write_text("".join(ln + "\n" for ln in keep))
 
 

@@ -44,7 +44,7 @@ COLLECTIONS = {
     "songci": [f"宋词/ci.song.{i}.json" for i in range(0, 22000, 1000)] + ["宋词/ci.song.2019y.json"],
     "tang": [f"全唐诗/poet.tang.{i}.json" for i in range(0, 58000, 1000)],
 }
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ANSI = re.compile(r"\x1b\[[0-9;]*m?|\x1b")  # colour codes, also the malformed ones in `chinese`
 
 
 def poem_doc(title, author, lines, source):

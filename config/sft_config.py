@@ -1,0 +1,16 @@
+# SFT of the 45M pretrain into a 问/答 model (one GPU or torchrun DDP).
+#   python data/prepare_sft.py            # data/sft: the default poem Q/A + dialogue set
+#   python train.py config/sft_config.py
+out_dir = "out/sft"
+data_dir = "data/sft"
+init_from = "out/pretrain/best.pt"  # the model (and its shape) come from this checkpoint
+dropout = 0.1
+batch_size = 32
+gradient_accumulation_steps = 1
+learning_rate = 1e-4  # fine-tuning: a tenth of the pretraining rate
+min_lr = 1e-5
+max_iters = 1000
+warmup_iters = 50
+eval_interval = 100
+eval_iters = 10
+log_interval = 10

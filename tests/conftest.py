@@ -1,0 +1,53 @@
+"""Shared fixtures: real data from the Debian fortunes-zh package, prepared once per
+session into a temp folder, and the flags of a tiny model that trains in seconds on CPU."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FORTUNES = Path("/usr/share/games/fortunes/tang300")
+SHARED_POETRY = ROOT.parent / "shared" / "data" / "chinese-poetry"
+
+# a 2-layer, 32-wide model: most of its 1.6M parameters are the GPT-2 vocabulary's embedding
+TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+        "--gradient_accumulation_steps=2", "--device=cpu", "--eval_iters=4", "--log_interval=1",
+        "--peak_flops=1e11", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--dropout=0.0"]
+
+
+def run_script(*args, check=True, **kw):
+    """Run one of the project's scripts as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, **kw)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def read_log(out_dir, kind):
+    lines = (Path(out_dir) / "log.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="session")
+def fortunes_docs(tmp_path_factory):
+    if not FORTUNES.exists():
+        pytest.fail("the Debian package fortunes-zh is not installed: apt-get install -y fortunes-zh (.ci/run does)")
+    out = tmp_path_factory.mktemp("fortunes")
+    run_script("data/fetch_data.py", "fortunes-zh", "--out_dir", out)
+    return out / "docs.jsonl"
+
+
+@pytest.fixture(scope="session")
+def pretrain_dir(fortunes_docs):
+    run_script("data/prepare.py", "--docs", fortunes_docs, "--num_threads", "2")
+    return fortunes_docs.parent
+
+
+@pytest.fixture(scope="session")
+def sft_dir(fortunes_docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", out, "--block_size", "65")
+    return out

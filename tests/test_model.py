@@ -1,0 +1,80 @@
+import math
+
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT
+from model import GPT, GPTConfig, masked_cross_entropy, sample_next
+from train import load_config
+
+
+def tiny(**kw):
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64), **kw})).eval()
+
+
+def test_45m_config_parameter_count():
+    c = load_config([str(ROOT / "config/train_config.py")])
+    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"]))
+    assert 44e6 < model.num_params() < 46e6, model.num_params()
+
+
+def test_masked_loss_is_mean_over_mask_ones():
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]]])
+    targets = torch.tensor([[0, 2, 2]])
+    mask = torch.tensor([[0, 1, 1]])
+    by_hand = (-math.log(math.exp(0) / (math.exp(0) + math.exp(1) + 1))
+               - math.log(math.exp(3) / (2 + math.exp(3)))) / 2
+    assert abs(masked_cross_entropy(logits, targets, mask).item() - by_hand) < 1e-6
+    assert abs(masked_cross_entropy(logits, targets).item() - F.cross_entropy(logits[0], targets[0]).item()) < 1e-6
+
+
+def test_model_loss_mask_path_equals_full_logits():
+    model = tiny()
+    x, y = torch.randint(0, 64, (3, 24)), torch.randint(0, 64, (3, 24))
+    mask = (torch.rand(3, 24) > 0.6).long()
+    _, fast = model(x, y, mask)
+    logits, _ = model(x)
+    assert torch.allclose(fast, masked_cross_entropy(logits, y, mask), atol=1e-6)
+
+
+def test_kv_cache_generation_equals_recompute():
+    model = tiny()
+    prompt = torch.randint(0, 64, (2, 5))
+    cached = model.generate(prompt, 30, temperature=0, use_cache=True)  # runs past block_size (24) too
+    plain = model.generate(prompt, 30, temperature=0, use_cache=False)
+    assert torch.equal(cached, plain)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    s1 = model.generate(prompt, 15, temperature=1.0, top_k=10, generator=g1)
+    s2 = model.generate(prompt, 15, temperature=1.0, top_k=10, generator=g2, use_cache=False)
+    assert torch.equal(s1, s2)
+
+
+def test_generation_stops_at_stop_token():
+    model = tiny()
+    prompt = torch.zeros(1, 3, dtype=torch.long)
+    free = model.generate(prompt, 12, temperature=0)[0, 3:].tolist()
+    stop = free[4]
+    first = free.index(stop)
+    out = model.generate(prompt, 12, temperature=0, stop_token=stop)[0, 3:].tolist()
+    assert out == free[:first + 1]  # same tokens up to and including the first stop token
+
+
+def test_packed_block_equals_samples_run_alone():
+    model = tiny()
+    a, b, c = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 10)), torch.randint(0, 64, (1, 5))
+    packed = torch.cat([a, b, c, torch.zeros(1, 2, dtype=torch.long)], dim=1)
+    seg = torch.tensor([[1] * 7 + [2] * 10 + [3] * 5 + [0] * 2])
+    logits, _ = model(packed, segment_ids=seg)
+    for sample, start in ((a, 0), (b, 7), (c, 17)):
+        alone, _ = model(sample)
+        assert torch.allclose(logits[:, start:start + sample.size(1)], alone, atol=1e-5)
+
+
+def test_top_k_and_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    draws = {sample_next(logits, 1.0, top_k=2, generator=torch.Generator().manual_seed(i)).item() for i in range(200)}
+    assert draws == {0, 1}
+    draws = {sample_next(logits, 1.0, top_p=0.7, generator=torch.Generator().manual_seed(i)).item() for i in range(200)}
+    assert draws == {0, 1}  # 0.5 < 0.7, 0.5 + 0.3 >= 0.7: the nucleus is the first two
+    assert sample_next(logits, 0).item() == 0

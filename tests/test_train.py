@@ -1,0 +1,80 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint
+from conftest import ROOT, TINY, read_log, run_script
+from data_utils import UserError
+
+
+def run_train(out_dir, data_dir, *extra):
+    train.main([*TINY, f"--out_dir={out_dir}", f"--data_dir={data_dir}", *extra])
+
+
+def test_tiny_pretrain_lowers_val_loss(tmp_path, pretrain_dir):
+    run_train(tmp_path, pretrain_dir, "--max_iters=40", "--eval_interval=20")
+    evals = read_log(tmp_path, "eval")
+    assert [e["iter"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0  # from ~ln(50304)=10.8
+    steps = read_log(tmp_path, "train")
+    assert len(steps) == 40 and all(s["tokens_per_s"] > 0 and 0 < s["mfu"] for s in steps)
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["kind"] == "pretrain" and best["iter_num"] == 40
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, pretrain_dir):
+    common = ["--eval_interval=5", "--lr_decay_iters=16", "--dropout=0.1"]
+    run_train(tmp_path / "full", pretrain_dir, "--max_iters=16", *common)
+    run_train(tmp_path / "split", pretrain_dir, "--max_iters=8", *common)
+    run_train(tmp_path / "split", pretrain_dir, "--max_iters=16", "--init_from='resume'", *common)
+    full, split = read_log(tmp_path / "full", "train"), read_log(tmp_path / "split", "train")
+    assert [s["iter"] for s in split] == list(range(1, 17))
+    assert [s["loss"] for s in split] == [s["loss"] for s in full]
+    assert read_log(tmp_path / "split", "eval")[-1]["val_loss"] == read_log(tmp_path / "full", "eval")[-1]["val_loss"]
+
+
+def test_ddp_two_processes_match_single_process(tmp_path, pretrain_dir):
+    args = [*TINY, f"--data_dir={pretrain_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=4"]
+    train.main([*args, f"--out_dir={tmp_path / 'single'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "device cpu x2" in proc.stdout
+    single, ddp = read_log(tmp_path / "single", "train"), read_log(tmp_path / "ddp", "train")
+    assert len(ddp) == 6
+    for a, b in zip(single, ddp):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    w1 = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def test_bad_config_keys_are_clear_errors(tmp_path):
+    with pytest.raises(UserError, match="unknown config key 'n_layers'; valid keys: .*n_layer"):
+        train.load_config(["--n_layers=3"])
+    with pytest.raises(UserError, match="batch_size should be int"):
+        train.load_config(["--batch_size=big"])
+    cfg = tmp_path / "c.py"
+    cfg.write_text("n_layer = 2\nlearnin_rate = 1e-3\n")
+    with pytest.raises(UserError, match=f"{cfg}: unknown config key 'learnin_rate'"):
+        train.load_config([str(cfg)])
+    proc = run_script("train.py", "--max_iter=3", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("error: --max_iter=3: unknown config key")
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_and_corrupt_checkpoints(tmp_path, pretrain_dir):
+    proc = run_script("train.py", f"--out_dir={tmp_path}", f"--data_dir={pretrain_dir}", "--init_from=resume", check=False)
+    assert proc.returncode == 1 and f"{tmp_path / 'ckpt.pt'}: checkpoint not found" in proc.stderr
+    (tmp_path / "ckpt.pt").write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    proc = run_script("train.py", f"--out_dir={tmp_path}", f"--data_dir={pretrain_dir}", "--init_from=resume", check=False)
+    assert proc.returncode == 1 and "not a readable MiniGLM checkpoint" in proc.stderr and "Traceback" not in proc.stderr
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="missing model_args"):
+        load_checkpoint(tmp_path / "other.pt")
