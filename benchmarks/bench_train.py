@@ -1,0 +1,73 @@
+"""
+Training throughput of a config: tokens/s and an MFU-style ratio (achieved FLOP/s over the
+FLOP/s of a large matmul measured in the same run, same dtype).
+
+  python benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=5
+"""
+import argparse
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from data_utils import pick_device, run_cli  # noqa: E402
+from model import GPT, GPTConfig  # noqa: E402
+from train import load_config, measure_peak_flops, pick_dtype  # noqa: E402
+
+
+def bench(config_path, iters, device, batch_size):
+    c = load_config([config_path])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"]))
+    model.to(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
+    amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    step_model = torch.compile(model) if device_type == "cuda" else model
+    B, T = batch_size or c["batch_size"], c["block_size"]
+    x = torch.randint(0, 50257, (B, T), device=device)
+    y = torch.randint(0, 50257, (B, T), device=device)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    def step():
+        with amp:
+            _, loss = step_model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(2):  # warm-up (and compilation)
+        step()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / iters
+    peak = measure_peak_flops(device, dtype)
+    tok_s = B * T / dt
+    mfu = model.flops_per_token() * tok_s / peak
+    print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
+          f"{dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("configs", nargs="+")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--batch_size", type=int, help="override the config's batch size")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    device = pick_device(args.device)
+    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} CPU threads")
+    for cfg in args.configs:
+        bench(cfg, args.iters, device, args.batch_size)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# What only a GPU can show, in one go (the figures in benchmarks/README.md came from it):
+# the 45M pretrain with torch.compile + bf16 AMP, the same under torchrun DDP (nccl),
+# fp16 with GradScaler, SFT from the pretrain, and the throughput benchmarks.
+# Needs data/fortunes-zh and data/sft prepared (data/fetch_data.py, prepare.py, prepare_sft.py).
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch; print('torch', torch.__version__)"
+echo "== 45M pretrain: compile + bf16 (auto)"
+python3 train.py config/train_config.py --max_iters=${ITERS:-300} --eval_interval=100 --out_dir="$OUT/pretrain"
+echo "== the same under torchrun DDP (1 process, nccl)"
+torchrun --standalone --nproc_per_node=1 train.py config/train_config.py --max_iters=20 --eval_interval=20 \
+  --out_dir="$OUT/ddp"
+echo "== fp16 + GradScaler, no compile"
+python3 train.py config/train_config.py --max_iters=20 --eval_interval=20 --dtype=float16 --compile=False \
+  --out_dir="$OUT/fp16"
+echo "== SFT from the pretrain"
+python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --max_iters=200 --out_dir="$OUT/sft"
+python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
+echo "== benchmarks"
+python3 benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=20
+python3 benchmarks/bench_generate.py --out_dir="$OUT/sft"
