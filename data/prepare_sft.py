@@ -255,20 +255,17 @@ def default_groups(poems_path, seed):
 
 
 # ------------------------------------------------------------------ tokens, rows, files
-def tokenize_all(convs, block_size, stats):
-    """(ids, mask) per conversation, right-truncated to block_size; a sample left with no
-    trained target (mask[1:] all 0) is skipped and counted."""
-    out = []
-    for conv in convs:
-        ids, mask = render_conversation(conv["messages"], conv.get("tools"))
-        if len(ids) > block_size:
-            ids, mask = ids[:block_size], mask[:block_size]
-            stats["truncated"] += 1
-        if not any(mask[1:]):
-            stats["skipped_no_trained_token"] += 1
-            continue
-        out.append((ids, mask))
-    return out
+def tokenize(conv, block_size, stats):
+    """(ids, mask, conv), right-truncated to block_size; None (counted) when nothing is
+    left to train on, i.e. mask[1:] is all 0."""
+    ids, mask = render_conversation(conv["messages"], conv.get("tools"))
+    if len(ids) > block_size:
+        ids, mask = ids[:block_size], mask[:block_size]
+        stats["truncated"] += 1
+    if not any(mask[1:]):
+        stats["skipped_no_trained_token"] += 1
+        return None
+    return ids, mask, conv
 
 
 def to_rows(samples, block_size, pack):
@@ -339,23 +336,22 @@ def main():
             print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}")
     else:
         groups = default_groups(args.poems, args.seed)
+
+    # tokenize first, so that records with nothing left to train on never reach either split
+    stats = {"truncated": 0, "skipped_no_trained_token": 0}
+    groups = [g for g in ([s for s in (tokenize(c, args.block_size, stats) for c in convs) if s] for convs in groups) if g]
     if len(groups) < 2:
         raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
-
     order = list(range(len(groups)))
     random.Random(args.seed).shuffle(order)
     n_val = min(max(1, round(len(groups) * args.val_fraction)), len(groups) - 1)
-    splits = {"val": [c for g in order[:n_val] for c in groups[g]], "train": [c for g in order[n_val:] for c in groups[g]]}
+    splits = {"val": [s for g in order[:n_val] for s in groups[g]], "train": [s for g in order[n_val:] for s in groups[g]]}
 
     out_dir = Path(args.out_dir)
-    stats = {"truncated": 0, "skipped_no_trained_token": 0}
     meta = {"block_size": args.block_size, "packed": args.pack, "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256,
             "malformed_records": len(bad), "seed": args.seed, "source": args.input or args.poems}
-    for split, convs in splits.items():
-        samples = tokenize_all(convs, args.block_size, stats)
-        if not samples:
-            raise UserError(f"no usable {split} samples (all truncated to nothing trainable?)")
-        ids, mask, seg = to_rows(samples, args.block_size, args.pack)
+    for split, samples in splits.items():
+        ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack)
         atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
         atomic_write(out_dir / f"sft_{split}_mask.bin", lambda f: f.write(mask.tobytes()))
         if seg is not None:
@@ -363,7 +359,7 @@ def main():
         else:
             (out_dir / f"sft_{split}_seg.bin").unlink(missing_ok=True)
         atomic_write(out_dir / f"sft_{split}.jsonl",
-                     lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for c in convs), mode="w")
+                     lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for _, _, c in samples), mode="w")
         meta[f"{split}_samples"], meta[f"{split}_rows"] = len(samples), len(ids)
         meta[f"{split}_mask_share"] = float(mask.mean())
         meta[f"{split}_trained_tokens"] = int(mask.sum())

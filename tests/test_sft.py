@@ -1,0 +1,174 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import train
+from conftest import TINY, read_log, run_script
+from data_utils import SFTData, UserError
+from model import GPT, GPTConfig
+from tokenizer import EOT, decode, render_conversation
+from test_tokenizer import spans
+
+import importlib.util
+import sys
+from conftest import ROOT
+
+spec = importlib.util.spec_from_file_location("prepare_sft", ROOT / "data" / "prepare_sft.py")
+prepare_sft = importlib.util.module_from_spec(spec)
+sys.modules["prepare_sft"] = prepare_sft
+spec.loader.exec_module(prepare_sft)
+
+
+def test_multi_turn_session_trains_every_answer():
+    ids, mask = render_conversation([
+        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}])
+    assert decode(ids) == "问:q1\n答:a1<|endoftext|>问:q2\n答:a2<|endoftext|>"
+    assert spans(ids, mask) == ["a1<|endoftext|>", "a2<|endoftext|>"]
+
+
+def test_system_tools_observation_and_loss_flags():
+    tools = [{"name": "天气", "parameters": {"city": "string"}}]
+    ids, mask = render_conversation([
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "北京天气?"},
+        {"role": "assistant", "tool": "天气", "content": '{"city": "北京"}'},
+        {"role": "observation", "content": '{"temp": 25}'},
+        {"role": "assistant", "content": "25度", "loss": False},
+        {"role": "user", "content": "谢谢", "loss": True},
+        {"role": "assistant", "content": "不客气"}], tools=tools)
+    text = decode(ids)
+    assert text.startswith('系统:你是助手\n工具:[{"name": "天气", "parameters": {"city": "string"}}]\n问:北京天气?\n')
+    assert '答:调用:天气\n{"city": "北京"}<|endoftext|>结果:{"temp": 25}\n答:25度<|endoftext|>' in text
+    assert spans(ids, mask) == ['调用:天气\n{"city": "北京"}<|endoftext|>', "谢谢", "不客气<|endoftext|>"]
+
+
+CANONICAL = {"messages": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}],
+             "tools": None}
+
+
+@pytest.mark.parametrize("record", [
+    {"question": "《静夜思》的作者是谁?", "answer": "李白。"},
+    {"instruction": "《静夜思》的作者是谁?", "input": "", "output": "李白。"},
+    {"conversations": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}]},
+    {"messages": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}]},
+    {"conversations": [{"from": "human", "value": "《静夜思》的作者是谁?"}, {"from": "gpt", "value": "李白。"}]},
+])
+def test_every_format_parses_to_the_same_conversation(record):
+    assert prepare_sft.to_conversation(record) == CANONICAL
+
+
+def test_text_blocks_parse_to_the_same_conversation():
+    [(line, conv)] = prepare_sft.parse_text_blocks("问:《静夜思》的作者是谁?\n答:李白。\n")
+    assert line == 1 and conv == CANONICAL
+    [(_, poem)] = prepare_sft.parse_text_blocks("问:请背诵《静夜思》\n答:床前明月光，\n疑是地上霜。")
+    assert poem["messages"][1]["content"] == "床前明月光，\n疑是地上霜。"
+
+
+def test_sharegpt_system_and_tool_roles():
+    conv = prepare_sft.to_conversation({"system": "S", "tools": '[{"name": "f"}]', "conversations": [
+        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'},
+        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]})
+    assert [m["role"] for m in conv["messages"]] == ["system", "user", "assistant", "observation", "assistant"]
+    assert conv["messages"][2]["tool"] == "f" and conv["tools"] == [{"name": "f"}]
+
+
+def test_malformed_records_report_file_and_line(tmp_path):
+    f = tmp_path / "bad.jsonl"
+    f.write_text("\n".join([
+        json.dumps({"question": "q", "answer": "a"}),
+        "{broken",
+        json.dumps({"question": "q"}),
+        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+        json.dumps({"question": "q", "answer": " "}),
+        json.dumps({"question": "q2", "answer": "a2"}),
+    ]) + "\n", encoding="utf-8")
+    convs, bad = prepare_sft.read_records(f, "auto", strict=False)
+    assert len(convs) == 2
+    assert [b.split(": ", 1)[0] for b in bad] == [f"{f}:2", f"{f}:3", f"{f}:4", f"{f}:5"]
+    assert "unknown role 'wizard'" in bad[2] and "empty answer" in bad[3]
+    with pytest.raises(UserError, match=f"{f}:2: bad JSON"):
+        prepare_sft.read_records(f, "auto", strict=True)
+    proc = run_script("data/prepare_sft.py", "--input", f, "--strict", "--out_dir", tmp_path / "o", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {f}:2: bad JSON") and "Traceback" not in proc.stderr
+
+
+def test_truncation_and_skip_counts(tmp_path):
+    f = tmp_path / "qa.jsonl"
+    rows = [{"question": "短问题", "answer": "短答案"}, {"question": "长" * 40, "answer": "答"},  # answer cut off: skipped
+            {"question": "问", "answer": "很长的答案" * 20}, {"question": "再问", "answer": "再答"}]  # truncated
+    f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--block_size", "32", "--val_fraction", "0.25")
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["truncated"] == 2 and meta["skipped_no_trained_token"] == 1
+    assert meta["train_samples"] + meta["val_samples"] == 3
+
+
+def test_sft_batch_alignment_and_show(sft_dir):
+    data = SFTData(sft_dir, block_size=64)
+    b = data.get_batch("train", 8, torch.Generator().manual_seed(0))
+    ids = np.fromfile(sft_dir / "sft_train.bin", dtype=np.uint16).reshape(-1, 65)
+    mask = np.fromfile(sft_dir / "sft_train_mask.bin", dtype=np.uint8).reshape(-1, 65)
+    row = int(data.sample_rows("train", 8, torch.Generator().manual_seed(0))[0])
+    assert b["x"][0].tolist() == ids[row, :-1].tolist() and b["y"][0].tolist() == ids[row, 1:].tolist()
+    assert b["loss_mask"][0].tolist() == mask[row, 1:].tolist()
+    # a trained target is an answer token or the end token, never template or padding
+    trained_targets = b["y"][b["loss_mask"].bool()]
+    assert (trained_targets != EOT).any() and decode(trained_targets.tolist()).count("问:") == 0
+    meta = json.loads((sft_dir / "meta.json").read_text())
+    assert meta["train_samples"] > 2000 and meta["val_samples"] > 200
+
+
+def test_show_prints_each_token_and_its_target(tmp_path, fortunes_docs):
+    out = run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", tmp_path, "--block_size", "65",
+                     "--show", "1").stdout
+    table = out[out.index("--- sample 0"):].splitlines()[2:]
+    targets = [line.rsplit("|", 1)[1].strip() for line in table if line.count("|") == 3]
+    assert "-100" in targets and "50256" in targets  # masked question, trained end token
+    assert targets.index("50256") > targets.index("-100")
+
+
+def test_default_set_splits_by_poem(sft_dir):
+    val = [json.loads(line) for line in (sft_dir / "sft_val.jsonl").read_text().splitlines()]
+    trn = [json.loads(line) for line in (sft_dir / "sft_train.jsonl").read_text().splitlines()]
+    def poems(convs):  # (title question, poem text) of the recitation questions
+        return {(c["messages"][0]["content"], c["messages"][1]["content"]) for c in convs
+                if c["messages"][0]["content"].startswith("请背诵《")}
+    assert poems(val) and poems(trn) and not (poems(val) & poems(trn))
+
+
+def test_packing_changes_efficiency_not_the_loss(tmp_path, fortunes_docs):
+    """The summed answer loss over all samples is the same packed or padded."""
+    for mode in ("pad", "pack"):
+        run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", tmp_path / mode,
+                   "--block_size", "128", *(["--pack"] if mode == "pack" else []))
+    pad_meta = json.loads((tmp_path / "pad" / "meta.json").read_text())
+    pack_meta = json.loads((tmp_path / "pack" / "meta.json").read_text())
+    assert pack_meta["val_rows"] < pad_meta["val_rows"] and pack_meta["val_mask_share"] > pad_meta["val_mask_share"]
+    assert pack_meta["val_trained_tokens"] == pad_meta["val_trained_tokens"]
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)).eval()
+    totals = {}
+    for mode in ("pad", "pack"):
+        data = SFTData(tmp_path / mode, block_size=128)
+        loss_sum, count = 0.0, 0
+        for rows in torch.arange(data.num_rows("val")).split(16):  # full logits of all rows would be GBs
+            b = data.load("val", rows, "cpu")
+            with torch.no_grad():
+                logits, _ = model(b["x"], segment_ids=b.get("segment_ids"))
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), b["y"], reduction="none")
+            loss_sum += (losses * b["loss_mask"]).sum().item()
+            count += int(b["loss_mask"].sum())
+        totals[mode] = (loss_sum, count)
+    assert totals["pad"][1] == totals["pack"][1]
+    assert abs(totals["pad"][0] - totals["pack"][0]) < 1e-3 * totals["pad"][0]
+
+
+def test_tiny_sft_lowers_answer_val_loss(tmp_path, sft_dir):
+    train.main([*TINY, "--block_size=64", f"--data_dir={sft_dir}", f"--out_dir={tmp_path}", "--max_iters=60",
+                "--eval_interval=30", "--batch_size=8"])
+    evals = read_log(tmp_path, "eval")
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0
+    assert train.load_checkpoint(tmp_path / "ckpt.pt")["kind"] == "sft"
