@@ -237,7 +237,7 @@ def main(argv=None):
     def log(record, line):
         if master:
             with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps(dict(record, mode=kind)) + "\n")
             print(line, flush=True)
 
     def all_mean(x):

@@ -51,3 +51,15 @@ def sft_dir(fortunes_docs, tmp_path_factory):
     out = tmp_path_factory.mktemp("sft")
     run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", out, "--block_size", "65")
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(pretrain_dir, sft_dir, tmp_path_factory):
+    """A tiny pretrained model and its SFT, trained for real (a few dozen iterations)."""
+    import train
+    out = tmp_path_factory.mktemp("runs")
+    train.main([*TINY, "--block_size=64", f"--data_dir={pretrain_dir}", f"--out_dir={out / 'pre'}",
+                "--max_iters=30", "--eval_interval=15"])
+    train.main([*TINY, f"--data_dir={sft_dir}", f"--out_dir={out / 'sft'}", f"--init_from={out / 'pre' / 'best.pt'}",
+                "--max_iters=30", "--eval_interval=15", "--batch_size=8"])
+    return out / "pre", out / "sft"

@@ -1,0 +1,165 @@
+"""
+A Gradio chat page over the same generation code as sample.py: streamed answers,
+multi-turn history, sampling sliders, a checkpoint picker, held-out example questions.
+
+  python sample_gradio.py                          # http://127.0.0.1:7860, checkpoints under out/
+  python sample_gradio.py --out_dir=out/tiny-sft --port 8000
+  python sample_gradio.py --host 0.0.0.0 --share   # reachable from elsewhere: opt-in only
+"""
+import argparse
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+from checkpoint import load_model
+from data_utils import UserError, pick_device, read_jsonl, run_cli
+from sample import answer, chat_prompt
+
+MAX_QUESTION_CHARS = 500
+
+
+def find_checkpoints(*roots):
+    """Training out_dirs that hold a checkpoint, SFT ones first."""
+    found = []
+    for root in map(Path, roots):
+        for d in ([root] if (root / "best.pt").exists() or (root / "ckpt.pt").exists() else []) + sorted(root.glob("*/")):
+            if ((d / "best.pt").exists() or (d / "ckpt.pt").exists()) and str(d) not in found:
+                found.append(str(d))
+    return sorted(found, key=lambda d: "sft" not in Path(d).name)
+
+
+def example_questions(sft_data, n=6):
+    path = Path(sft_data) / "sft_val.jsonl"
+    if not path.exists():
+        return ["《静夜思》的作者是谁?", "请背诵《春晓》。", "你好"]
+    records, _ = read_jsonl(path)
+    seen, out = set(), []
+    for _, c in records:
+        q = c["messages"][0]["content"]
+        kind = q[:2]  # one of each question type first
+        if kind not in seen:
+            seen.add(kind)
+            out.append(q)
+        if len(out) == n:
+            break
+    return out
+
+
+class Models:
+    """Loaded checkpoints, kept by path; one lock so two sessions never load the same one twice."""
+
+    def __init__(self, device):
+        self.device, self.cache, self.lock = device, {}, threading.Lock()
+
+    def get(self, path):
+        with self.lock:
+            if path not in self.cache:
+                self.cache[path] = load_model(path, self.device)
+            return self.cache[path]
+
+
+def message_text(m):
+    """Gradio gives message content as a string or as a list of {"type": "text", "text"} parts."""
+    content = m.get("content")
+    if isinstance(content, str):
+        return content
+    parts = content if isinstance(content, list) else [content]
+    return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in parts)
+
+
+def dialogue(history):
+    """The 问/答 turns of the chat history, without the page's notes."""
+    turns = [m for m in history if not (m.get("metadata") or {}).get("title")]
+    out = []
+    for user, bot in zip(turns, turns[1:]):
+        if user.get("role") == "user" and bot.get("role") == "assistant":
+            out += [{"role": "user", "content": message_text(user)}, {"role": "assistant", "content": message_text(bot)}]
+    return out
+
+
+def build_app(out_dirs, sft_data="data/sft", device="cpu"):
+    models = Models(device)
+    choices = out_dirs
+
+    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens):
+        history = list(history or [])
+        question = (question or "").strip()
+
+        def note(text):  # shown in the chat, but not part of the dialogue the model sees
+            return history + [{"role": "assistant", "content": text, "metadata": {"title": "提示 note"}}], question
+
+        if not question:
+            yield note("请输入一个问题。(Please type a question.)")[0], ""
+            return
+        if len(question) > MAX_QUESTION_CHARS:
+            yield note(f"问题太长了: {len(question)} characters, at most {MAX_QUESTION_CHARS}. Please shorten it.")
+            return
+        if not ckpt:
+            yield note("没有可用的模型: train one first (see README).")
+            return
+        try:
+            model, _ = models.get(ckpt)
+        except UserError as e:
+            yield note(f"cannot load {ckpt}: {e}")
+            return
+        past = dialogue(history)
+        gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
+                   top_p=float(top_p))
+        try:
+            chat_prompt(past, question, model.config.block_size, gen["max_new_tokens"])
+        except ValueError as e:
+            yield note(str(e))
+            return
+        history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
+        for piece in answer(model, past, question, **gen):
+            history[-1]["content"] += piece
+            yield history, ""
+        if not history[-1]["content"]:
+            history[-1]["content"] = "(空回答 / empty answer)"
+        yield history, ""
+
+    with gr.Blocks(title="MiniGLM chat") as app:
+        gr.Markdown("## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
+                    "Answers stream token by token; the conversation is kept as context.")
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="对话", height=420)
+                question = gr.Textbox(label="问题", placeholder="例如: 《静夜思》的作者是谁?", lines=1)
+                with gr.Row():
+                    send = gr.Button("发送 Send", variant="primary")
+                    clear = gr.Button("清空 Clear")
+                gr.Examples(example_questions(sft_data), inputs=question, label="held-out questions")
+            with gr.Column(scale=1):
+                ckpt = gr.Dropdown(choices, value=choices[0] if choices else None, label="checkpoint",
+                                   allow_custom_value=True)
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
+                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
+                max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
+        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new]
+        send.click(respond, inputs, [chatbot, question], api_name="chat")
+        question.submit(respond, inputs, [chatbot, question], api_name=False)
+        clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")
+    # one generation at a time on this device; other users wait in the queue
+    return app.queue(default_concurrency_limit=1, max_size=64)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", action="append", help="checkpoint folder(s) to offer (default: every out/*/ with one)")
+    p.add_argument("--sft_data", default="data/sft", help="where the held-out example questions come from")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    p.add_argument("--device", default="auto")
+    args = p.parse_args()
+    out_dirs = find_checkpoints(*(args.out_dir or ["out"]))
+    if not out_dirs:
+        raise UserError(f"no checkpoints under {', '.join(args.out_dir or ['out'])}: train a model first (see README)")
+    app = build_app(out_dirs, args.sft_data, pick_device(args.device))
+    app.launch(server_name=args.host, server_port=args.port, share=args.share)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,150 @@
+"""What users touch: sampling, chat, the Gradio page, evaluations, plots, the demo."""
+import json
+import math
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import load_model
+from conftest import ROOT, run_script
+from evaluations import char_f1, corpus_bleu, distinct_n, exact_match, rouge_l
+from model import GPT, GPTConfig
+from sample import chat_prompt, stream_text
+from sample_gradio import dialogue, message_text
+from tokenizer import decode, encode, render_prompt
+
+
+def test_metrics_match_hand_computed_values():
+    assert exact_match("李 白", "李白") == 1.0 and exact_match("李白。", "李白") == 0.0
+    assert math.isclose(char_f1("李白写的", "李白"), 2 * 0.5 * 1.0 / 1.5)
+    assert char_f1("杜甫", "李白") == 0.0
+    assert math.isclose(rouge_l("床前明月光", "床前看月光"), 0.8)  # LCS 床前月光 = 4 of 5 and 5
+    assert math.isclose(corpus_bleu(["ABCDE"], ["ABCDF"]), (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    assert math.isclose(corpus_bleu(["ABCD"], ["ABCDEFGH"]), math.exp(1 - 8 / 4))  # brevity penalty only
+    assert corpus_bleu(["床前明月光"], ["床前明月光"]) == 1.0 and corpus_bleu(["AB"], ["CD"]) == 0.0
+    assert math.isclose(distinct_n(["AAB"], 1), 2 / 3) and distinct_n(["AAB"], 2) == 1.0
+
+
+def test_streaming_equals_non_streaming():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    ids = encode("问:床前明月光\n答:")
+    streamed = "".join(stream_text(model, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=7))
+    g = torch.Generator().manual_seed(7)
+    full = model.generate(torch.tensor([ids]), 40, temperature=1.0, top_k=100, generator=g)
+    assert streamed == decode(full[0, len(ids):].tolist())
+    assert "".join(stream_text(model, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=8)) != streamed
+
+
+def test_chat_history_is_trimmed_from_the_left():
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"第{i}个问题" * 3}, {"role": "assistant", "content": f"第{i}个回答" * 3}]
+    ids, kept = chat_prompt(history, "最后的问题", block_size=160, max_new_tokens=32)
+    assert len(ids) <= 160 - 32 and 0 < len(kept) < len(history) and len(kept) % 2 == 0
+    assert kept == history[-len(kept):]  # the latest turns survive
+    assert ids == render_prompt(kept, "最后的问题")
+    with pytest.raises(ValueError, match="does not fit"):
+        chat_prompt([], "长" * 200, block_size=160, max_new_tokens=32)
+
+
+def test_sample_cli(tiny_runs):
+    pre, sft = tiny_runs
+    out = run_script("sample.py", f"--out_dir={pre}", "--start=《静夜思》", "--num_samples=2", "--max_new_tokens=10")
+    assert out.stdout.count("《静夜思》") == 2 and "-" * 40 in out.stdout
+    chat = run_script("sample.py", f"--out_dir={pre}", "--chat", "--start=你好", "--max_new_tokens=10")
+    assert "not fine-tuned" in chat.stderr and chat.stdout.startswith("答:")
+    prompt = sft / "prompt.txt"
+    prompt.write_text("《静夜思》的作者是谁?", encoding="utf-8")
+    chat = run_script("sample.py", f"--out_dir={sft}", "--chat", f"--start=FILE:{prompt}", "--max_new_tokens=10")
+    assert chat.stderr == "" and chat.stdout.startswith("答:")
+    missing = run_script("sample.py", f"--out_dir={sft / 'nope'}", check=False)
+    assert missing.returncode == 1 and "checkpoint not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_interactive_chat_keeps_history_and_resets(tiny_runs):
+    _, sft = tiny_runs
+    proc = subprocess.run([sys.executable, "sample.py", f"--out_dir={sft}", "--chat", "--max_new_tokens=8"], cwd=ROOT,
+                          input="你好\n/reset\n再见\n/exit\n", capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("答: ") == 2 and "(history cleared)" in proc.stdout
+
+
+def test_evaluations_end_to_end(tiny_runs, pretrain_dir, sft_dir, tmp_path):
+    pre, sft = tiny_runs
+    out = run_script("evaluations.py", f"--out_dir={sft}", f"--compare={pre}", f"--pretrain_data={pretrain_dir}",
+                     f"--sft_data={sft_dir}", "--questions=3", "--max_new_tokens=8", "--max_batches=2",
+                     f"--json={tmp_path / 'e.json'}").stdout
+    assert "sft_answer_loss" in out and "rouge_l" in out and "问:" in out
+    res = json.loads((tmp_path / "e.json").read_text())
+    a, b = res[str(sft)], res[str(pre)]
+    assert a["kind"] == "sft" and b["kind"] == "pretrain" and len(a["answers"]) == 3
+    assert a["sft_answer_loss"] < b["sft_answer_loss"]  # fine-tuning lowered the answer loss
+    assert math.isclose(a["pretrain_val_ppl"], math.exp(a["pretrain_val_loss"]))
+    assert all(0 <= a[k] <= 1 for k in ("exact_match", "char_f1", "rouge_l", "bleu4", "distinct_1", "distinct_2"))
+
+
+def test_plots_written_from_real_logs(tiny_runs, tmp_path):
+    pre, sft = tiny_runs
+    run_script("visualize.py", "--runs", pre, sft, "--out_dir", tmp_path, "--log_y")
+    for name in ("loss.png", "curves.png"):
+        data = (tmp_path / name).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 10_000
+    bad = run_script("visualize.py", "--runs", tmp_path, check=False)
+    assert bad.returncode == 1 and "no log.jsonl" in bad.stderr
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
+    from gradio_client import Client
+    _, sft = tiny_runs
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "sample_gradio.py", f"--out_dir={sft}", f"--sft_data={sft_dir}",
+                               "--port", str(port), "--device=cpu"], cwd=ROOT, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None, server.stdout.read()
+                time.sleep(0.5)
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        job = client.submit("《静夜思》的作者是谁?", [], str(sft), 0.0, 0, 1.0, 16, api_name="/chat")
+        updates = [out for out in job]
+        history, box = job.result()
+        assert box == "" and [message_text(m) for m in history][0] == "《静夜思》的作者是谁?"
+        reply = history[-1]
+        assert reply["role"] == "assistant" and message_text(reply)
+        assert len(updates) >= 2  # streamed: several partial answers before the last
+        model, _ = load_model(sft)
+        expected = "".join(stream_text(model, render_prompt([], "《静夜思》的作者是谁?"), max_new_tokens=16,
+                                       temperature=0, stop_at_eot=True)) or "(空回答 / empty answer)"
+        assert message_text(reply) == expected
+        # a second turn sees the first as history (the page sends its history back)
+        history2, _ = client.predict("请背诵这首诗。", history, str(sft), 0.0, 0, 1.0, 16, api_name="/chat")
+        assert len(history2) == 4 and dialogue(history2)[:2] == dialogue(history)
+        empty, _ = client.predict("   ", [], str(sft), 0.7, 50, 0.95, 16, api_name="/chat")
+        assert "请输入" in message_text(empty[-1]) and dialogue(empty) == []
+        long, _ = client.predict("长" * 600, [], str(sft), 0.7, 50, 0.95, 16, api_name="/chat")
+        assert "太长" in message_text(long[-1])
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_demo_smoke_runs_every_step(tmp_path):
+    proc = run_script("demo.py", "--smoke", "--out", tmp_path / "out", "--plots", tmp_path / "plots", timeout=600)
+    assert "all done" in proc.stdout
+    assert (tmp_path / "out" / "tiny-sft" / "eval.json").exists() and (tmp_path / "plots" / "loss.png").exists()

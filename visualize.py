@@ -1,0 +1,102 @@
+"""
+Plot training curves from the log.jsonl of one or more runs (train.py writes it).
+
+  python visualize.py --runs out/tiny-pretrain out/tiny-sft            # writes plots/*.png
+  python visualize.py --runs out/a out/b out/c --log_y --out_dir plots/compare
+
+Writes loss.png (train and val loss vs iteration, one panel per run kind: pretraining and
+SFT side by side, several runs of a kind overlaid with a legend) and curves.png (loss vs
+iteration and vs tokens, learning rate, tokens/s).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from data_utils import UserError, run_cli  # noqa: E402
+
+
+def read_run(run):
+    path = Path(run) / "log.jsonl" if Path(run).is_dir() else Path(run)
+    if not path.is_file():
+        raise UserError(f"{path}: no log.jsonl (train a model with train.py first)")
+    train, evals = [], []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            (train if r["kind"] == "train" else evals).append(r)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{path}:{lineno}: not a train.py log line") from None
+    if not train and not evals:
+        raise UserError(f"{path}: empty log")
+    kind = "SFT" if any(r.get("mode") == "sft" for r in train + evals) else "pretrain"
+    return {"name": str(Path(run)), "train": train, "eval": evals, "kind": kind}
+
+
+def plot_loss(ax, run, color, x="iter", log_y=False):
+    if run["train"]:
+        ax.plot([r[x] for r in run["train"]], [r["loss"] for r in run["train"]], color=color, alpha=0.6,
+                label=f"{run['name']} train")
+    if run["eval"]:
+        ax.plot([r[x] for r in run["eval"]], [r["val_loss"] for r in run["eval"]], "o--", color=color,
+                label=f"{run['name']} val")
+    ax.set_xlabel("iteration" if x == "iter" else "tokens seen")
+    ax.set_ylabel("cross-entropy loss (nats/token)")
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files")
+    p.add_argument("--out_dir", default="plots")
+    p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
+    args = p.parse_args()
+    runs = [read_run(r) for r in args.runs]
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, run in enumerate(runs):
+        run["color"] = colors[i % len(colors)]
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    kinds = sorted({r["kind"] for r in runs}, key=lambda k: k != "pretrain")
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        for run in (r for r in runs if r["kind"] == kind):
+            plot_loss(ax, run, run["color"], log_y=args.log_y)
+        ax.set_title(f"{kind} loss" + (" (answer tokens only)" if kind == "SFT" else ""))
+    fig.tight_layout()
+    fig.savefig(out / "loss.png", dpi=120)
+    plt.close(fig)
+
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for run in runs:
+        plot_loss(axes[0, 0], run, run["color"], log_y=args.log_y)
+        plot_loss(axes[0, 1], run, run["color"], x="tokens", log_y=args.log_y)
+        axes[1, 0].plot([r["iter"] for r in run["train"]], [r["lr"] for r in run["train"]], color=run["color"],
+                        label=run["name"])
+        axes[1, 1].plot([r["iter"] for r in run["train"]], [r["tokens_per_s"] for r in run["train"]],
+                        color=run["color"], label=run["name"])
+    axes[0, 0].set_title("loss vs iteration")
+    axes[0, 1].set_title("loss vs tokens")
+    axes[1, 0].set(title="learning rate", xlabel="iteration", ylabel="learning rate")
+    axes[1, 1].set(title="training throughput", xlabel="iteration", ylabel="tokens / s")
+    for ax in axes[1]:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    plt.close(fig)
+    print(f"wrote {out / 'loss.png'} and {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
