@@ -27,7 +27,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few iterations per step, to check everything runs")
     p.add_argument("--out", default="out", help="where the runs go (out/tiny-pretrain, out/tiny-sft)")
-    p.add_argument("--plots", default="plots")
+    p.add_argument("--plots", default="docs", help="where the PNG plots go (the README shows docs/loss.png)")
     args = p.parse_args()
     pre, sft = Path(args.out) / "tiny-pretrain", Path(args.out) / "tiny-sft"
     quick = ["--max_iters=8", "--eval_interval=4", "--eval_iters=2", "--log_interval=2"] if args.smoke else []
