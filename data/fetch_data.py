@@ -9,6 +9,7 @@ builds its questions from those).
   python data/fetch_data.py local --input notes.txt corpus/ --name mytext
 """
 import argparse
+import http.client
 import json
 import re
 import sys
@@ -96,6 +97,8 @@ def download(url, dest, retries=4):
                     while chunk := r.read(1 << 16):
                         f.write(chunk)
                         bar.update(len(chunk))
+            if total and part.stat().st_size != total:
+                raise ConnectionError(f"got {part.stat().st_size} of {total} bytes")
             part.replace(dest)
             return
         except urllib.error.HTTPError as e:
@@ -104,7 +107,7 @@ def download(url, dest, retries=4):
                 return
             if e.code == 404 or attempt == retries:
                 raise UserError(f"{url}: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as e:
             if attempt == retries:
                 raise UserError(f"{url}: cannot download ({getattr(e, 'reason', e)}); check the network "
                                 f"or use --mirror DIR with a local copy of chinese-poetry") from None

@@ -73,3 +73,48 @@ def test_missing_inputs_give_one_line_errors(tmp_path):
     assert proc.returncode == 1 and "apt-get install -y fortunes-zh" in proc.stderr and "Traceback" not in proc.stderr
     proc = run_script("data/prepare.py", "--docs", tmp_path / "none.jsonl", check=False)
     assert proc.returncode == 1 and "run data/fetch_data.py first" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_download_resumes_a_dropped_transfer(tmp_path):
+    """A loopback server drops the first transfer halfway; download() retries with a
+    Range request for the rest and only then gives the file its name."""
+    import importlib.util
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from conftest import ROOT
+    spec = importlib.util.spec_from_file_location("fetch_data", ROOT / "data" / "fetch_data.py")
+    fetch_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fetch_data)
+    payload = ("床前明月光，疑是地上霜。" * 5000).encode()
+    starts = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            rng = self.headers.get("Range")
+            start = int(rng.split("=")[1].split("-")[0]) if rng else 0
+            starts.append(start)
+            body = payload[start:]
+            self.send_response(206 if rng else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if len(starts) == 1:  # first try: half the bytes, then the connection drops
+                self.wfile.write(body[:len(body) // 2])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "poems.json"
+        fetch_data.download(f"http://127.0.0.1:{server.server_port}/poems.json", dest, retries=2)
+    finally:
+        server.shutdown()
+    assert dest.read_bytes() == payload and not (tmp_path / "poems.json.part").exists()
+    assert starts[0] == 0 and starts[1] == len(payload) // 2  # resumed, not restarted
