@@ -8,7 +8,6 @@ and writes JSON.
   python evaluations.py --out_dir=out/tiny-sft --compare=out/tiny-pretrain   # side by side
 """
 import argparse
-import json
 import math
 from collections import Counter
 from pathlib import Path
@@ -18,7 +17,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import find_checkpoint, load_model
-from data_utils import SFTData, UserError, pick_device, read_jsonl, run_cli, write_json
+from data_utils import SFTData, pick_device, read_jsonl, run_cli, write_json
 from sample import answer
 
 

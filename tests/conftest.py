@@ -18,6 +18,17 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--peak_flops=1e11", "--warmup_iters=2", "--learning_rate=3e-3", "--min_lr=3e-4", "--dropout=0.0"]
 
 
+def load_script(relpath):
+    """Import one of the data/ scripts (not a package) as a module."""
+    import importlib.util
+    name = Path(relpath).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / relpath)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(*args, check=True, **kw):
     """Run one of the project's scripts as a user would; returns the CompletedProcess."""
     proc = subprocess.run([sys.executable, *map(str, args)], cwd=ROOT, capture_output=True, text=True, **kw)

@@ -1,11 +1,14 @@
 import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED_POETRY, run_script
-from data_utils import PretrainData, SFTData
+from conftest import SHARED_POETRY, load_script, run_script
+from data_utils import PretrainData
 from tokenizer import EOT, decode
 
 
@@ -78,15 +81,7 @@ def test_missing_inputs_give_one_line_errors(tmp_path):
 def test_download_resumes_a_dropped_transfer(tmp_path):
     """A loopback server drops the first transfer halfway; download() retries with a
     Range request for the rest and only then gives the file its name."""
-    import importlib.util
-    import socket
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    from conftest import ROOT
-    spec = importlib.util.spec_from_file_location("fetch_data", ROOT / "data" / "fetch_data.py")
-    fetch_data = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fetch_data)
+    fetch_data = load_script("data/fetch_data.py")
     payload = ("床前明月光，疑是地上霜。" * 5000).encode()
     starts = []
 

@@ -5,20 +5,13 @@ import pytest
 import torch
 
 import train
-from conftest import TINY, read_log, run_script
+from conftest import TINY, load_script, read_log, run_script
 from data_utils import SFTData, UserError
 from model import GPT, GPTConfig
-from tokenizer import EOT, decode, render_conversation
 from test_tokenizer import spans
+from tokenizer import EOT, decode, render_conversation
 
-import importlib.util
-import sys
-from conftest import ROOT
-
-spec = importlib.util.spec_from_file_location("prepare_sft", ROOT / "data" / "prepare_sft.py")
-prepare_sft = importlib.util.module_from_spec(spec)
-sys.modules["prepare_sft"] = prepare_sft
-spec.loader.exec_module(prepare_sft)
+prepare_sft = load_script("data/prepare_sft.py")
 
 
 def test_multi_turn_session_trains_every_answer():
