@@ -65,6 +65,19 @@ def sft_dir(fortunes_docs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def sft_packed_dir(fortunes_docs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft_packed")
+    run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", out, "--block_size", "65", "--pack")
+    return out
+
+
+@pytest.fixture
+def data_dir(request):
+    """The data folder of one training mode: pretrain, sft or sft-packed."""
+    return request.getfixturevalue({"pretrain": "pretrain_dir", "sft": "sft_dir", "sft-packed": "sft_packed_dir"}[request.param])
+
+
+@pytest.fixture(scope="session")
 def tiny_runs(pretrain_dir, sft_dir, tmp_path_factory):
     """A tiny pretrained model and its SFT, trained for real (a few dozen iterations)."""
     import train

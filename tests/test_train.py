@@ -26,19 +26,25 @@ def test_tiny_pretrain_lowers_val_loss(tmp_path, pretrain_dir):
     assert best["kind"] == "pretrain" and best["iter_num"] == 40
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path, pretrain_dir):
-    common = ["--eval_interval=5", "--lr_decay_iters=16", "--dropout=0.1"]
-    run_train(tmp_path / "full", pretrain_dir, "--max_iters=16", *common)
-    run_train(tmp_path / "split", pretrain_dir, "--max_iters=8", *common)
-    run_train(tmp_path / "split", pretrain_dir, "--max_iters=16", "--init_from='resume'", *common)
+MODES = pytest.mark.parametrize("data_dir", ["pretrain", "sft", "sft-packed"], indirect=True)
+
+
+@MODES
+def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
+    common = ["--eval_interval=5", "--lr_decay_iters=16", "--dropout=0.1", "--block_size=64"]
+    run_train(tmp_path / "full", data_dir, "--max_iters=16", *common)
+    run_train(tmp_path / "split", data_dir, "--max_iters=8", *common)
+    run_train(tmp_path / "split", data_dir, "--max_iters=16", "--init_from='resume'", *common)
     full, split = read_log(tmp_path / "full", "train"), read_log(tmp_path / "split", "train")
     assert [s["iter"] for s in split] == list(range(1, 17))
     assert [s["loss"] for s in split] == [s["loss"] for s in full]
     assert read_log(tmp_path / "split", "eval")[-1]["val_loss"] == read_log(tmp_path / "full", "eval")[-1]["val_loss"]
 
 
-def test_ddp_two_processes_match_single_process(tmp_path, pretrain_dir):
-    args = [*TINY, f"--data_dir={pretrain_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=4"]
+@MODES
+def test_ddp_two_processes_match_single_process(tmp_path, data_dir):
+    args = [*TINY, f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=4",
+            "--block_size=64"]
     train.main([*args, f"--out_dir={tmp_path / 'single'}"])
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
