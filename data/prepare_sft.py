@@ -210,7 +210,7 @@ def poem_conversations(poem, rng):
         qa += [(f"《{title}》的作者是谁?", f"《{title}》的作者是{author}。"),
                (f"请写出{author}的《{title}》。", body)]
     half = clauses(lines)
-    for i in sorted(rng.sample(range(len(half) - 1), min(3, len(half) - 1))):
+    for i in sorted(rng.sample(range(max(0, len(half) - 1)), max(0, min(3, len(half) - 1)))):
         qa.append((f"“{half[i]}”的下一句是什么?", f"“{half[i]}”的下一句是“{half[i + 1]}”。"))
     convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
     if author:  # one two-turn session per poem, so the model sees follow-up questions too
@@ -238,7 +238,7 @@ def chatterbot_conversations():
     return convs
 
 
-def default_groups(poems_path, seed):
+def default_groups(poems_path, seed, max_poems=None):
     """Groups of conversations for the default set: one group per poem (so a held-out poem
     has none of its questions in training) and one per dialogue."""
     if not Path(poems_path).exists():
@@ -248,6 +248,8 @@ def default_groups(poems_path, seed):
     poems = [r for _, r in records if r.get("lines") and r.get("title")]
     if not poems:
         raise UserError(f"{poems_path}: no poems (documents with title and lines) to build questions from")
+    if max_poems and len(poems) > max_poems:  # e.g. 91k chinese-poetry poems would make ~640k samples
+        poems = rng.sample(poems, max_poems)
     groups = [poem_conversations(p, rng) for p in poems]
     dialogues = chatterbot_conversations()
     print(f"default SFT set: {len(poems):,} poems from {poems_path}, {len(dialogues):,} chatterbot-corpus dialogues")
@@ -314,6 +316,7 @@ def main():
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--poems", default=str(DATA_DIR / "fortunes-zh" / "docs.jsonl"),
                         help="documents with poems for the default set")
+    parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems")
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
     parser.add_argument("--pack", action="store_true", help="several samples per row instead of padding")
@@ -335,7 +338,7 @@ def main():
         if bad:
             print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}")
     else:
-        groups = default_groups(args.poems, args.seed)
+        groups = default_groups(args.poems, args.seed, args.max_poems)
 
     # tokenize first, so that records with nothing left to train on never reach either split
     stats = {"truncated": 0, "skipped_no_trained_token": 0}

@@ -165,3 +165,12 @@ def test_tiny_sft_lowers_answer_val_loss(tmp_path, sft_dir):
     evals = read_log(tmp_path, "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0
     assert train.load_checkpoint(tmp_path / "ckpt.pt")["kind"] == "sft"
+
+
+def test_poem_questions_handle_short_poems():
+    import random
+    for lines in (["。"], ["一句"], ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]):
+        convs = prepare_sft.poem_conversations({"title": "题", "author": "某", "lines": lines}, random.Random(0))
+        assert convs[0]["messages"][1]["content"] == "\n".join(lines)
+    nexts = [c for c in convs if "下一句" in c["messages"][0]["content"]]
+    assert len(nexts) == 3 and all(c["messages"][1]["content"].count("”的下一句是“") == 1 for c in nexts)
