@@ -93,7 +93,15 @@ def require_file(path, hint):
         raise UserError(f"{path} not found: {hint}")
 
 
-class PretrainData:
+class Batches:
+    """A data set draws rows (sample_rows) and loads them as tensors (load); training
+    splits the two so that one draw serves every micro-step of every process."""
+
+    def get_batch(self, split, batch_size, generator=None, device="cpu"):
+        return self.load(split, self.sample_rows(split, batch_size, generator), device)
+
+
+class PretrainData(Batches):
     """Token ids in data_dir/{train,val}.bin (uint16); a row is a random window of
     block_size + 1 tokens, x = window[:-1], y = window[1:]."""
 
@@ -121,11 +129,8 @@ class PretrainData:
         windows = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()]).astype(np.int64))
         return to_device(dict(x=windows[:, :-1], y=windows[:, 1:]), device)
 
-    def get_batch(self, split, batch_size, generator=None, device="cpu"):
-        return self.load(split, self.sample_rows(split, batch_size, generator), device)
 
-
-class SFTData:
+class SFTData(Batches):
     """Rows of block_size token ids in data_dir/sft_{split}.bin (uint16) with a 0/1 mask
     per token in sft_{split}_mask.bin (1 = answer token or end token) and, for packed data,
     segment ids in sft_{split}_seg.bin. x = row[:-1], y = row[1:], loss_mask = mask[1:]:
@@ -169,9 +174,6 @@ class SFTData:
             batch["loss_mask"] = batch["loss_mask"] * (seg[:, 1:] == seg[:, :-1])
             batch["segment_ids"] = seg[:, :-1]
         return to_device(batch, device)
-
-    def get_batch(self, split, batch_size, generator=None, device="cpu"):
-        return self.load(split, self.sample_rows(split, batch_size, generator), device)
 
 
 def to_device(batch, device):
