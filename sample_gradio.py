@@ -14,7 +14,7 @@ import gradio as gr
 
 from checkpoint import load_model
 from data_utils import UserError, pick_device, read_jsonl, run_cli
-from sample import answer, chat_prompt
+from sample import chat_prompt, stream_text
 
 MAX_QUESTION_CHARS = 500
 
@@ -107,12 +107,12 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
         gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
                    top_p=float(top_p))
         try:
-            chat_prompt(past, question, model.config.block_size, gen["max_new_tokens"])
+            ids, _ = chat_prompt(past, question, model.config.block_size, gen["max_new_tokens"])
         except ValueError as e:
             yield note(str(e))
             return
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        for piece in answer(model, past, question, **gen):
+        for piece in stream_text(model, ids, stop_at_eot=True, **gen):
             history[-1]["content"] += piece
             yield history, ""
         if not history[-1]["content"]:
