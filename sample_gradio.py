@@ -23,7 +23,7 @@ def find_checkpoints(*roots):
     """Training out_dirs that hold a checkpoint, SFT ones first."""
     found = []
     for root in map(Path, roots):
-        for d in ([root] if (root / "best.pt").exists() or (root / "ckpt.pt").exists() else []) + sorted(root.glob("*/")):
+        for d in [root, *sorted(root.glob("*/"))]:
             if ((d / "best.pt").exists() or (d / "ckpt.pt").exists()) and str(d) not in found:
                 found.append(str(d))
     return sorted(found, key=lambda d: "sft" not in Path(d).name)

@@ -114,7 +114,7 @@ def download(url, dest, retries=4):
         time.sleep(2 ** attempt)
 
 
-def records_to_docs(records, path, source):
+def records_to_docs(records, source):
     """chinese-poetry records → documents. Fields differ by collection: the title is
     title/rhythmic/chapter, the lines paragraphs/content/para."""
     docs = []
@@ -152,7 +152,7 @@ def fetch_chinese_poetry(args):
             records = json.loads(src.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise UserError(f"{src}:{e.lineno}: bad JSON ({e.msg}); delete it to download it again") from None
-        docs += records_to_docs(records, src, name)
+        docs += records_to_docs(records, name)
     return docs
 
 
