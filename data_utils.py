@@ -4,6 +4,7 @@ format written by data/fetch_data.py, and the training batches (pretrain windows
 uint16 memmap; SFT rows with their loss mask).
 """
 import json
+import math
 import os
 import sys
 import tempfile
@@ -102,16 +103,35 @@ class Batches:
 
 
 class PretrainData(Batches):
-    """Token ids in data_dir/{train,val}.bin (uint16); a row is a random window of
-    block_size + 1 tokens, x = window[:-1], y = window[1:]."""
+    """GPT-2 token ids in data_dir/{train,val}.bin (uint16); a row is a random window of
+    block_size + 1 tokens, x = window[:-1], y = window[1:], mapped into the model's
+    vocabulary (a lookup table: a trimmed vocabulary holds every id of its corpus)."""
 
-    def __init__(self, data_dir, block_size):
-        self.data_dir, self.block_size = Path(data_dir), block_size
+    def __init__(self, data_dir, block_size, tok):
+        self.data_dir, self.block_size, self.tok = Path(data_dir), block_size, tok
         for split in ("train", "val"):
             require_file(self.data_dir / f"{split}.bin", "run data/prepare.py first")
             if self.num_tokens(split) <= block_size + 1:
                 raise UserError(f"{self.data_dir / f'{split}.bin'} holds {self.num_tokens(split)} tokens, "
                                 f"too few for block_size {block_size}")
+        if tok.trimmed:
+            vocab_file = self.data_dir / "vocab.json"
+            require_file(vocab_file, "re-run data/prepare.py (it writes the corpus's vocabulary)")
+            used = json.loads(vocab_file.read_text(encoding="utf-8"))["gpt2_ids"]
+            missing = int((tok.to_model[np.asarray(used, dtype=np.int64)] < 0).sum()) if used is not None else -1
+            if missing:
+                raise UserError(f"{self.data_dir} uses {'GPT-2 tokens' if missing < 0 else f'{missing} GPT-2 tokens'} "
+                                f"that the model's trimmed vocabulary ({tok.name}) lacks: it was trimmed to another "
+                                f"corpus; pretrain with vocab='trimmed' on this data_dir instead")
+        meta = self.data_dir / "meta.json"
+        self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+
+    def bits_per_char(self, split, nats_per_token):
+        """Mean nats per token → bits per character of the split's text (None if prepare.py
+        did not count its characters). Tokens and characters are counted over the same
+        text, so this compares across vocabularies."""
+        chars = self.meta.get(f"{split}_chars")
+        return nats_per_token * self.num_tokens(split) / chars / math.log(2) if chars else None
 
     def _memmap(self, split):
         # reopened on every call: a long-lived np.memmap keeps every page it touched
@@ -126,7 +146,8 @@ class PretrainData(Batches):
 
     def load(self, split, rows, device):
         data = self._memmap(split)
-        windows = torch.from_numpy(np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()]).astype(np.int64))
+        windows = np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()]).astype(np.int64)
+        windows = torch.from_numpy(self.tok.to_model[windows] if self.tok.trimmed else windows)
         return to_device(dict(x=windows[:, :-1], y=windows[:, 1:]), device)
 
 
@@ -136,17 +157,22 @@ class SFTData(Batches):
     segment ids in sft_{split}_seg.bin. x = row[:-1], y = row[1:], loss_mask = mask[1:]:
     the loss on predicting token t+1 counts iff token t+1 is an answer token."""
 
-    def __init__(self, data_dir, block_size):
+    def __init__(self, data_dir, block_size, tok):
         self.data_dir = Path(data_dir)
         require_file(self.data_dir / "meta.json", "run data/prepare_sft.py first")
         meta = json.loads((self.data_dir / "meta.json").read_text())
         if "block_size" not in meta:
             raise UserError(f"{self.data_dir / 'meta.json'} is not SFT metadata (no block_size); "
                             f"is this a pretraining folder?")
+        data_vocab = meta.get("vocab", "gpt2")
+        if data_vocab != tok.name:
+            raise UserError(f"{self.data_dir} was tokenized for the vocabulary {data_vocab} but the model uses "
+                            f"{tok.name}: re-run data/prepare_sft.py --vocab <the model's checkpoint> "
+                            f"--out_dir {self.data_dir}")
         if meta["block_size"] > block_size + 1:
             raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model's "
                             f"block_size is {block_size}: re-run prepare_sft.py --block_size={block_size + 1} or less")
-        self.row_len, self.packed = meta["block_size"], meta.get("packed", False)
+        self.meta, self.row_len, self.packed = meta, meta["block_size"], meta.get("packed", False)
         for split in ("train", "val"):
             require_file(self.data_dir / f"sft_{split}.bin", "run data/prepare_sft.py first")
 
@@ -182,8 +208,11 @@ def to_device(batch, device):
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def open_data(data_dir, block_size):
-    """SFT data if the folder holds sft_train.bin, else pretraining data."""
+def open_data(data_dir, block_size, tok):
+    """SFT data if the folder holds sft_train.bin, else pretraining data; ids in tok's vocabulary."""
     if (Path(data_dir) / "sft_train.bin").exists():
-        return SFTData(data_dir, block_size)
-    return PretrainData(data_dir, block_size)
+        return SFTData(data_dir, block_size, tok)
+    if not (Path(data_dir) / "train.bin").exists():
+        raise UserError(f"{data_dir}: no prepared data (train.bin from data/prepare.py, or sft_train.bin from "
+                        f"data/prepare_sft.py)")
+    return PretrainData(data_dir, block_size, tok)

@@ -1,14 +1,17 @@
 """
-Evaluate a checkpoint: pretraining val loss and perplexity, SFT answer-token loss, and on
-the held-out SFT questions, generated answers scored against the references at the
-character level (exact match, F1, ROUGE-L, BLEU-4) plus distinct-1/2. Prints a table
-and writes JSON.
+Evaluate a checkpoint: pretraining val loss, perplexity and bits per character, SFT
+answer-token loss, and on the held-out SFT questions, generated answers scored against
+the references at the character level (exact match, F1, ROUGE-L, BLEU-4, per question
+type too) plus distinct-1/2 and the number of answers holding U+FFFD. Prints a table,
+writes JSON and a run report (report.md with the loss plots) for coursework.
 
   python evaluations.py --out_dir=out/tiny-sft
   python evaluations.py --out_dir=out/tiny-sft --compare=out/tiny-pretrain   # side by side
 """
 import argparse
+import json
 import math
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -16,9 +19,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import find_checkpoint, load_model
-from data_utils import SFTData, pick_device, read_jsonl, run_cli, write_json
-from sample import answer
+import visualize
+from checkpoint import find_checkpoint, load_checkpoint, load_model
+from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
+from sample import answer, model_constraint
+from tokenizer import CONSTRAINTS, EOT, GPT2
 
 
 # ------------------------------------------------------------------ metrics (character level)
@@ -92,29 +97,44 @@ def distinct_n(texts, n):
 
 
 # ------------------------------------------------------------------ losses
+def val_characters(data_dir, gpt2_ids):
+    """Characters of the val text, <|endoftext|> separators not counted (prepare.py records it)."""
+    meta = Path(data_dir) / "meta.json"
+    if meta.exists() and "val_chars" in (m := json.loads(meta.read_text(encoding="utf-8"))):
+        return m["val_chars"]
+    return len(GPT2.decode(gpt2_ids[gpt2_ids != EOT]))
+
+
 @torch.no_grad()
-def pretrain_loss(model, data_dir, batch_size, max_batches, device):
-    """Mean loss over consecutive non-overlapping windows of val.bin (all of it, up to max_batches)."""
+def pretrain_loss(model, tok, data_dir, batch_size, max_batches, device):
+    """(mean nats per token, bits per character) over consecutive non-overlapping windows of
+    val.bin (all of it, up to max_batches), in the model's own vocabulary. Bits per
+    character = mean nats per token × the val text's tokens / its characters / ln 2: the
+    total information over the text per character, which compares across vocabularies."""
     path = Path(data_dir) / "val.bin"
     if not path.exists():
-        return None
+        return None, None
     T = model.config.block_size
-    data = np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    gpt2_ids = np.fromfile(path, dtype=np.uint16).astype(np.int64)
+    data = tok.from_gpt2(gpt2_ids)
     starts = list(range(0, len(data) - T - 1, T))[:batch_size * max_batches]
     total, count = 0.0, 0
     for i in tqdm(range(0, len(starts), batch_size), desc="pretrain val loss", leave=False):
         w = torch.from_numpy(np.stack([data[s:s + T + 1] for s in starts[i:i + batch_size]])).to(device)
         _, loss = model(w[:, :-1], w[:, 1:])
         total, count = total + loss.item() * len(w), count + len(w)
-    return total / count if count else None
+    if not count:
+        return None, None
+    nats = total / count
+    return nats, nats * len(data) / val_characters(data_dir, gpt2_ids) / math.log(2)
 
 
 @torch.no_grad()
-def sft_loss(model, data_dir, batch_size, max_batches, device):
+def sft_loss(model, tok, data_dir, batch_size, max_batches, device):
     """Answer-token loss over the SFT val rows: the mean over every trained token."""
     if not (Path(data_dir) / "sft_val.bin").exists():
         return None
-    data = SFTData(data_dir, model.config.block_size)
+    data = SFTData(data_dir, model.config.block_size, tok)
     total, count = 0.0, 0
     rows = torch.arange(data.num_rows("val"))[:batch_size * max_batches]
     for chunk in tqdm(rows.split(batch_size), desc="SFT answer loss", leave=False):
@@ -136,25 +156,121 @@ def held_out_questions(data_dir, limit):
     return pairs[:limit]
 
 
+def question_type(q):
+    """The default SFT set's question kinds; anything else is dialogue."""
+    for key, kind in (("的作者是谁", "作者"), ("请背诵", "背诵"), ("请写出", "背诵"), ("的下一句", "下一句")):
+        if key in q:
+            return kind
+    return "dialogue"
+
+
 def evaluate(path, args, device, questions):
-    model, ckpt = load_model(path, device)
+    model, tok, ckpt = load_model(path, device)
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
-              "params_M": round(model.num_params() / 1e6, 2)}
-    loss = pretrain_loss(model, args.pretrain_data, args.batch_size, args.max_batches, device)
+              "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size}
+    loss, bpc = pretrain_loss(model, tok, args.pretrain_data, args.batch_size, args.max_batches, device)
     result["pretrain_val_loss"] = loss
     result["pretrain_val_ppl"] = math.exp(loss) if loss is not None else None
-    result["sft_answer_loss"] = sft_loss(model, args.sft_data, args.batch_size, args.max_batches, device)
+    result["pretrain_val_bpc"] = bpc
+    result["sft_answer_loss"] = sft_loss(model, tok, args.sft_data, args.batch_size, args.max_batches, device)
+    constraint = model_constraint(tok, ckpt, args.constrain)
     preds = []
     for q, _ in tqdm(questions, desc=f"answering ({Path(path).name})", leave=False):
-        preds.append("".join(answer(model, [], q, max_new_tokens=args.max_new_tokens, temperature=0)))
+        preds.append("".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=args.max_new_tokens,
+                                    temperature=0)))
     refs = [a for _, a in questions]
     if questions:
         result.update(
             exact_match=float(np.mean([exact_match(p, r) for p, r in zip(preds, refs)])),
             char_f1=float(np.mean([char_f1(p, r) for p, r in zip(preds, refs)])),
             rouge_l=float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)])),
-            bleu4=corpus_bleu(preds, refs), distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2))
+            bleu4=corpus_bleu(preds, refs), distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
+            answers_with_fffd=sum("\ufffd" in p for p in preds))
+        kinds = [question_type(q) for q, _ in questions]
+        result["by_type"] = {k: {"questions": kinds.count(k),
+                                 "exact_match": float(np.mean([exact_match(p, r) for p, r, t in zip(preds, refs, kinds) if t == k])),
+                                 "char_f1": float(np.mean([char_f1(p, r) for p, r, t in zip(preds, refs, kinds) if t == k]))}
+                             for k in sorted(set(kinds))}
     return result, preds
+
+
+METRICS = ["kind", "iter", "params_M", "vocab_size", "pretrain_val_loss", "pretrain_val_ppl", "pretrain_val_bpc",
+           "sft_answer_loss", "exact_match", "char_f1", "rouge_l", "bleu4", "distinct_1", "distinct_2",
+           "answers_with_fffd"]
+
+
+def fmt(v):
+    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+
+def run_dir(path):
+    path = Path(path)
+    return path if path.is_dir() else path.parent
+
+
+def training_summary(path):
+    """What the run's log.jsonl says: iterations, tokens trained, training wall time."""
+    log = run_dir(path) / "log.jsonl"
+    if not log.exists():
+        return {}
+    records = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    last = (train or evals or [{}])[-1]
+    return {"iterations": last.get("iter"), "tokens": last.get("tokens"), "seconds": max((r["time"] for r in records), default=None),
+            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])) if train else None,
+            "first_val_loss": evals[0]["val_loss"] if evals else None, "last_val_loss": evals[-1]["val_loss"] if evals else None}
+
+
+def write_report(path, runs, questions, args, plots):
+    """report.md: what a student hands in. The config, size, data and cost of each run, the
+    loss plots, the evaluation table and sampled answers."""
+    names = list(runs)
+    ckpts = {n: load_checkpoint(find_checkpoint(n)) for n in names}
+    lines = [f"# MiniGLM run report: {names[0]}", "",
+             f"Written by `evaluations.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
+             f"{len(questions)} held-out questions, greedy decoding, constraint `{args.constrain}`.", "",
+             "## Runs", "", "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    summaries = {n: training_summary(n) for n in names}
+
+    def row(label, values):
+        lines.append(f"| {label} | " + " | ".join(values) + " |")
+
+    row("kind", [str(runs[n][0]["kind"]) for n in names])
+    row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
+    row("layers × width, heads, context", [
+        f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (ckpts[n]["model_args"] for n in names)])
+    row("vocabulary", [f"{runs[n][0]['vocab']} ({runs[n][0]['vocab_size']:,} slots)" for n in names])
+    row("data", [f"`{(ckpts[n].get('config') or {}).get('data_dir', '?')}`" for n in names])
+    row("iterations", [fmt(summaries[n].get("iterations")) for n in names])
+    row("tokens trained", [f"{summaries[n]['tokens']:,}" if summaries[n].get("tokens") else "-" for n in names])
+    row("training wall time", [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names])
+    row("median tokens/s", [f"{summaries[n]['tokens_per_s']:,.0f}" if summaries[n].get("tokens_per_s") else "-" for n in names])
+    row("val loss, first → last eval", [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}"
+                                        for n in names])
+    lines += ["", f"## Configuration of `{names[0]}`", "", "```python"]
+    lines += [f"{k} = {v!r}" for k, v in sorted((ckpts[names[0]].get("config") or {}).items())]
+    lines += ["```", ""]
+    if plots:
+        lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
+    lines += ["## Evaluation", "", "| metric | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    for m in METRICS[3:]:
+        if any(runs[n][0].get(m) is not None for n in names):
+            row(m, [fmt(runs[n][0].get(m)) for n in names])
+    types = sorted({t for n in names for t in runs[n][0].get("by_type", {})})
+    if types:
+        lines += ["", "By question type (exact match / char F1):", "",
+                  "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
+        for t in types:
+            bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
+            lines.append(f"| {t} | {bt[0].get('questions', 0)} | "
+                         + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}" for b in bt) + " |")
+    lines += ["", "## Sampled answers", ""]
+    for i, (q, ref) in enumerate(questions[:args.report_answers]):
+        lines += [f"**问:** {q}  ", f"**参考:** {ref}  "]
+        lines += [f"**`{Path(n).name}` 答:** {runs[n][1][i] or '(empty)'}  " for n in names]
+        lines.append("")
+    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 
 
 def main():
@@ -169,9 +285,14 @@ def main():
     p.add_argument("--max_batches", type=int, default=50)
     p.add_argument("--show", type=int, default=3, help="print this many questions with the answers")
     p.add_argument("--json", help="where to write the results (default <out_dir>/eval.json)")
+    p.add_argument("--report", default="auto", help="report.md path (default <out_dir>/report.md, with the "
+                                                     "loss plots beside it); 'none' to skip")
+    p.add_argument("--report_answers", type=int, default=12, help="sampled answers in the report")
+    p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="decoding constraint (see sample.py)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
+    t0 = time.time()
     questions = held_out_questions(args.sft_data, args.questions)
     if not questions:
         print(f"note: no held-out questions in {args.sft_data}/sft_val.jsonl; generation metrics skipped")
@@ -180,15 +301,12 @@ def main():
         runs[args.compare] = evaluate(args.compare, args, device, questions)
 
     names = list(runs)
-    metrics = ["kind", "iter", "params_M", "pretrain_val_loss", "pretrain_val_ppl", "sft_answer_loss", "exact_match",
-               "char_f1", "rouge_l", "bleu4", "distinct_1", "distinct_2"]
     width = max(22, *(len(n) + 2 for n in names))
     print(f"\n{'metric':<18}" + "".join(f"{n:>{width}}" for n in names))
-    for m in metrics:
+    for m in METRICS:
         cells = [runs[n][0].get(m) for n in names]
         if all(c is None for c in cells):
             continue
-        fmt = lambda v: "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))  # noqa: E731
         print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
     for i, (q, ref) in enumerate(questions[:args.show]):
         print(f"\n问: {q}\n参考: {ref}")
@@ -196,9 +314,15 @@ def main():
             print(f"[{Path(n).name}] 答: {runs[n][1][i]}")
     out = {n: dict(runs[n][0], answers=[{"question": q, "reference": r, "answer": a}
                                         for (q, r), a in zip(questions, runs[n][1])]) for n in names}
-    json_path = Path(args.json or (Path(args.out_dir) if Path(args.out_dir).is_dir() else Path(args.out_dir).parent) / "eval.json")
+    json_path = Path(args.json or run_dir(args.out_dir) / "eval.json")
     write_json(json_path, out)
-    print(f"\nwrote {json_path}")
+    print(f"\nwrote {json_path} ({time.time() - t0:.0f}s)")
+    if args.report != "none":
+        report = Path(run_dir(args.out_dir) / "report.md" if args.report == "auto" else args.report)
+        logged = [run_dir(n) for n in reversed(names) if (run_dir(n) / "log.jsonl").exists()]
+        plots = visualize.plot_runs([visualize.read_run(r) for r in logged], report.parent) if logged else []
+        write_report(report, runs, questions, args, plots)
+        print(f"wrote {report}")
 
 
 if __name__ == "__main__":

@@ -192,13 +192,16 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, use_cache=True, generator=None):
+                        stop_token=None, use_cache=True, generator=None, constraint=None):
         """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
         Stops early once every row has produced stop_token. The KV cache path gives the
         same tokens as recomputing the context; past block_size the context is cropped to
-        the last block_size tokens, which a cache cannot reuse, so those steps recompute."""
+        the last block_size tokens, which a cache cannot reuse, so those steps recompute.
+        constraint (tokenizer.TextConstraint): each row may only take the tokens its state
+        allows (valid UTF-8 of known characters); the rest get probability 0 before sampling."""
         block = self.config.block_size
         cache = None
+        states = [b""] * idx.size(0)  # the prompt ends between characters
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
@@ -209,7 +212,12 @@ class GPT(nn.Module):
                     logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True)
             else:
                 logits, _ = self(idx[:, -block:], last_logits_only=True)
-            next_id = sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)
+            logits = logits[:, -1, :]
+            if constraint is not None:
+                logits = logits.masked_fill(~constraint.allowed(states, logits.device), float("-inf"))
+            next_id = sample_next(logits, temperature, top_k, top_p, generator)
+            if constraint is not None:
+                states = constraint.advance(states, next_id.tolist())
             if stop_token is not None:
                 next_id = torch.where(done, torch.full_like(next_id, stop_token), next_id)
                 done |= next_id == stop_token

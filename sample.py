@@ -18,40 +18,48 @@ import torch
 
 from checkpoint import load_model
 from data_utils import UserError, pick_device, run_cli
-from tokenizer import EOT, encode, get_tokenizer, render_prompt
+from tokenizer import CONSTRAINTS, make_constraint, render_prompt
 
 
-def stream_text(model, ids, max_new_tokens=256, temperature=0.8, top_k=None, top_p=None, seed=None,
-                stop_at_eot=False, use_cache=True):
+def stream_text(model, tok, ids, max_new_tokens=256, temperature=0.8, top_k=None, top_p=None, seed=None,
+                stop_at_eot=False, use_cache=True, constraint=None):
     """Yield text pieces as tokens are generated after the prompt ids. A Chinese character
-    is often split over two tokens: the incremental UTF-8 decoder holds a partial
-    character back until it is complete, so every piece is valid text."""
+    is often split over two or three tokens: the incremental UTF-8 decoder holds a partial
+    character back until it is complete, so every piece is whole characters. With a
+    constraint (tokenizer.make_constraint) the bytes are always valid UTF-8 and a character
+    left half-written at max_new_tokens is dropped; without one, bad bytes print as �."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    enc = get_tokenizer()
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="strict" if constraint else "replace")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       stop_token=EOT if stop_at_eot else None, use_cache=use_cache,
-                                       generator=generator):
+                                       stop_token=tok.eot if stop_at_eot else None, use_cache=use_cache,
+                                       generator=generator, constraint=constraint):
         t = int(token[0])
-        if t == EOT and stop_at_eot:
+        if t == tok.eot and stop_at_eot:
             break
-        piece = decoder.decode(enc.decode_single_token_bytes(t) if t <= EOT else b"")
+        piece = decoder.decode(tok.token_bytes[t] if t != tok.eot else b"<|endoftext|>")
         if piece:
             yield piece
-    tail = decoder.decode(b"", final=True)
-    if tail:
-        yield tail
+    if not constraint:  # a constrained decoder only ever holds back part of a character: drop it
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            yield tail
 
 
-def chat_prompt(history, question, block_size, max_new_tokens):
+def model_constraint(tok, ckpt, mode="chars", prompt=""):
+    """The decoding constraint for a loaded model: its training characters (and the prompt's)."""
+    constraint = make_constraint(tok, mode, ckpt.get("chars"))
+    return constraint.with_chars(prompt) if constraint is not None else None
+
+
+def chat_prompt(tok, history, question, block_size, max_new_tokens):
     """Prompt ids for the next answer, and the history actually kept: the oldest turns are
     dropped (whole 问/答 pairs) until the prompt leaves room for max_new_tokens."""
     history = list(history)
     budget = block_size - max_new_tokens
     while True:
-        ids = render_prompt(history, question)
+        ids = render_prompt(tok, history, question)
         if len(ids) <= budget:
             return ids, history
         if not history:
@@ -60,10 +68,13 @@ def chat_prompt(history, question, block_size, max_new_tokens):
         history = history[2:] if len(history) >= 2 else []
 
 
-def answer(model, history, question, **kwargs):
-    """Stream the model's answer to question, given earlier turns [{"role","content"},...]."""
-    ids, _ = chat_prompt(history, question, model.config.block_size, kwargs.get("max_new_tokens", 256))
-    yield from stream_text(model, ids, stop_at_eot=True, **kwargs)
+def answer(model, tok, history, question, constraint=None, **kwargs):
+    """Stream the model's answer to question, given earlier turns [{"role","content"},...].
+    The constraint also allows the characters of the conversation."""
+    ids, kept = chat_prompt(tok, history, question, model.config.block_size, kwargs.get("max_new_tokens", 256))
+    if constraint is not None:
+        constraint = constraint.with_chars(question + "".join(m["content"] for m in kept))
+    yield from stream_text(model, tok, ids, stop_at_eot=True, constraint=constraint, **kwargs)
 
 
 def main():
@@ -78,11 +89,15 @@ def main():
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument("--constrain", default="chars", choices=CONSTRAINTS,
+                   help="chars: only valid UTF-8 made of characters seen in training or the prompt (default); "
+                        "utf8: any valid character; off: raw tokens, stray bytes print as � (byte-level BPE laid bare)")
     args = p.parse_args()
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise UserError("--temperature must be >= 0 and --max_new_tokens >= 1")
 
-    model, ckpt = load_model(args.out_dir, pick_device(args.device))
+    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device))
+    constraint = model_constraint(tok, ckpt, args.constrain)
     if args.chat and ckpt.get("kind") != "sft":
         print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "
               f"its answers will ramble (train SFT first: see README)", file=sys.stderr)
@@ -95,26 +110,27 @@ def main():
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if args.chat and start is None:
-        return interactive_chat(model, gen, args.seed)
+        return interactive_chat(model, tok, constraint, gen, args.seed)
     for i in range(args.num_samples):
         seed = args.seed + i
         if args.chat:
             try:
-                pieces = answer(model, [], start, seed=seed, **gen)
+                pieces = answer(model, tok, [], start, constraint=constraint, seed=seed, **gen)
                 print("答:", end="", flush=True)
                 for piece in pieces:
                     print(piece, end="", flush=True)
             except ValueError as e:
                 raise UserError(str(e)) from None
         else:
-            ids = encode(start or "\n")[-model.config.block_size:]
+            ids = tok.encode(start or "\n")[-model.config.block_size:]
             print(start or "", end="", flush=True)
-            for piece in stream_text(model, ids, seed=seed, **gen):
+            allowed = constraint.with_chars(start or "") if constraint else None
+            for piece in stream_text(model, tok, ids, seed=seed, constraint=allowed, **gen):
                 print(piece, end="", flush=True)
         print("\n" + "-" * 40 if i + 1 < args.num_samples else "")
 
 
-def interactive_chat(model, gen, seed):
+def interactive_chat(model, tok, constraint, gen, seed):
     print("MiniGLM chat — type a question; /reset clears the history, /exit quits.")
     history = []
     while True:
@@ -132,13 +148,13 @@ def interactive_chat(model, gen, seed):
         if not question:
             continue
         try:
-            ids, history = chat_prompt(history, question, model.config.block_size, gen["max_new_tokens"])
+            _, history = chat_prompt(tok, history, question, model.config.block_size, gen["max_new_tokens"])
         except ValueError as e:
             print(f"({e})")
             continue
         print("答: ", end="", flush=True)
         reply = ""
-        for piece in stream_text(model, ids, stop_at_eot=True, seed=seed, **gen):
+        for piece in answer(model, tok, history, question, constraint=constraint, seed=seed, **gen):
             reply += piece
             print(piece, end="", flush=True)
         print()

@@ -14,7 +14,8 @@ import gradio as gr
 
 from checkpoint import load_model
 from data_utils import UserError, pick_device, read_jsonl, run_cli
-from sample import chat_prompt, stream_text
+from sample import answer, chat_prompt, model_constraint
+from tokenizer import CONSTRAINTS
 
 MAX_QUESTION_CHARS = 500
 
@@ -82,7 +83,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
     models = Models(device)
     choices = out_dirs
 
-    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens):
+    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars"):
         history = list(history or [])
         question = (question or "").strip()
 
@@ -99,20 +100,24 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
             yield note("没有可用的模型: train one first (see README).")
             return
         try:
-            model, _ = models.get(ckpt)
+            model, tok, meta = models.get(ckpt)
         except UserError as e:
             yield note(f"cannot load {ckpt}: {e}")
+            return
+        if constrain not in CONSTRAINTS:
+            yield note(f"unknown decoding constraint {constrain!r}")
             return
         past = dialogue(history)
         gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
                    top_p=float(top_p))
         try:
-            ids, _ = chat_prompt(past, question, model.config.block_size, gen["max_new_tokens"])
+            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"])
         except ValueError as e:
             yield note(str(e))
             return
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
-        for piece in stream_text(model, ids, stop_at_eot=True, **gen):
+        # whole characters only: the streamed pieces never hold half a character
+        for piece in answer(model, tok, past, question, constraint=model_constraint(tok, meta, constrain), **gen):
             history[-1]["content"] += piece
             yield history, ""
         if not history[-1]["content"]:
@@ -137,7 +142,9 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
                 top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
                 top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
                 max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
-        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new]
+                constrain = gr.Radio(list(CONSTRAINTS), value="chars", label="decoding: known characters only / "
+                                     "any valid UTF-8 / off (raw byte tokens)")
+        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain]
         send.click(respond, inputs, [chatbot, question], api_name="chat")
         question.submit(respond, inputs, [chatbot, question], api_name=False)
         clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")

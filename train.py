@@ -9,6 +9,8 @@ The data folder decides the mode: sft_train.bin (from data/prepare_sft.py) means
 with the loss on answer tokens only; train.bin (from data/prepare.py) means pretraining.
 init_from: 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or the path of a
 checkpoint whose weights to start from (SFT starts from a pretrained model this way).
+vocab: 'gpt2' (all 50,257 tokens) or 'trimmed' (the GPT-2 ids of data_dir's corpus, from
+its vocab.json): set when training from scratch; a checkpoint brings its own.
 """
 import ast
 import json
@@ -23,10 +25,10 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
-from data_utils import SFTData, UserError, open_data, pick_device, run_cli
+from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
+from data_utils import SFTData, UserError, open_data, pick_device, require_file, run_cli
 from model import GPT, GPTConfig
-from tokenizer import PADDED_VOCAB_SIZE, VOCAB_SHA256
+from tokenizer import GPT2, VOCAB_SHA256, load_vocab_file
 
 DEFAULTS = dict(
     # I/O
@@ -39,6 +41,7 @@ DEFAULTS = dict(
     eval_only=False,
     # model (ignored when the weights come from a checkpoint)
     n_layer=6, n_head=8, n_embd=512, block_size=512, dropout=0.0, bias=False,
+    vocab="gpt2",  # 'gpt2' | 'trimmed': the GPT-2 ids data_dir's corpus uses (small models: a cheap output layer)
     # batch: batch_size rows per micro-step, gradient_accumulation_steps micro-steps per
     # iteration in total (divided among DDP processes)
     batch_size=16, gradient_accumulation_steps=4,
@@ -190,19 +193,31 @@ def main(argv=None):
     torch.manual_seed(c["seed"])  # the same initial weights in every process
     iter_num, best_val_loss, ckpt = 0, float("inf"), None
     if c["init_from"] == "scratch":
+        if c["vocab"] not in ("gpt2", "trimmed"):
+            raise UserError(f"vocab must be 'gpt2' or 'trimmed', got {c['vocab']!r}")
+        tok, chars = GPT2, ""
+        if c["vocab"] == "trimmed":
+            require_file(Path(c["data_dir"]) / "vocab.json", "vocab='trimmed' needs it: run data/prepare.py")
+            tok, chars = load_vocab_file(Path(c["data_dir"]) / "vocab.json")
         model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                          dropout=c["dropout"], bias=c["bias"], vocab_size=PADDED_VOCAB_SIZE)
+                          dropout=c["dropout"], bias=c["bias"], vocab_size=tok.vocab_size)
         model = GPT(GPTConfig(**model_args))
     else:
         ckpt = load_checkpoint(out_dir / "ckpt.pt" if c["init_from"] == "resume" else c["init_from"])
+        tok, chars = checkpoint_tokenizer(ckpt), ckpt.get("chars") or ""
         model_args = dict(ckpt["model_args"], dropout=c["dropout"])
         ckpt["model_args"] = model_args
         model = model_from_checkpoint(ckpt)
         if c["init_from"] == "resume":
             iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model.to(device)
-    data = open_data(c["data_dir"], model_args["block_size"])
+    data = open_data(c["data_dir"], model_args["block_size"], tok)
     kind = "sft" if isinstance(data, SFTData) else "pretrain"
+    # the characters the model has seen in training: by default generation writes no other
+    data_chars = data.meta.get("chars") if kind == "sft" else None
+    if kind == "pretrain" and (Path(c["data_dir"]) / "vocab.json").exists():
+        data_chars = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[1]
+    chars = "".join(sorted(set(chars) | set(data_chars or "")))
     block = data.row_len - 1 if kind == "sft" else model_args["block_size"]
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
@@ -226,7 +241,8 @@ def main(argv=None):
     peak = c["peak_flops"] if c["peak_flops"] != "auto" else measure_peak_flops(device, ptdtype)
     log_path = out_dir / "log.jsonl"
     if master:
-        print(f"{kind} | {raw_model.num_params() / 1e6:.2f}M parameters | device {device} x{world} | {dtype} | "
+        print(f"{kind} | {raw_model.num_params() / 1e6:.2f}M parameters | vocabulary {tok.name} "
+              f"({tok.vocab_size:,} slots) | device {device} x{world} | {dtype} | "
               f"compile {use_compile} | {tokens_per_iter:,} tokens/iter | data {c['data_dir']}")
         if c["init_from"] == "resume":
             truncate_log(log_path, iter_num)
@@ -267,7 +283,7 @@ def main(argv=None):
 
     def save(name, state):
         save_checkpoint(out_dir / name, dict(state, model=raw_model.state_dict(), model_args=model_args, config=c,
-                                             kind=kind, tokenizer_sha256=VOCAB_SHA256))
+                                             kind=kind, tokenizer_sha256=VOCAB_SHA256, vocab=tok.state(), chars=chars))
 
     # ------------------------------------------------------------------ training loop
     t_start = time.time()
@@ -285,9 +301,11 @@ def main(argv=None):
                 rng = gathered
             else:
                 rng = [rng]
+            bpc = data.bits_per_char("val", losses["val"]) if kind == "pretrain" else None
             log({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start},
-                f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                 "val_bpc": bpc, "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start},
+                f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                + (f" ({bpc:.3f} bits/char)" if bpc is not None else ""))
             if master and not c["eval_only"]:
                 improved = losses["val"] < best_val_loss
                 best_val_loss = min(best_val_loss, losses["val"])

@@ -6,7 +6,8 @@ Plot training curves from the log.jsonl of one or more runs (train.py writes it)
 
 Writes loss.png (train and val loss vs iteration, one panel per run kind: pretraining and
 SFT side by side, several runs of a kind overlaid with a legend) and curves.png (loss vs
-iteration and vs tokens, learning rate, tokens/s).
+iteration and vs tokens, learning rate, tokens/s, and pretraining val bits per character,
+which compares across vocabularies where nats per token do not).
 """
 import argparse
 import json
@@ -54,33 +55,29 @@ def plot_loss(ax, run, color, x="iter", log_y=False):
     ax.legend(fontsize=8)
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files")
-    p.add_argument("--out_dir", default="plots")
-    p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
-    args = p.parse_args()
-    runs = [read_run(r) for r in args.runs]
+def plot_runs(runs, out, log_y=False):
+    """Write loss.png and curves.png for runs (read_run results) into out; their paths."""
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, run in enumerate(runs):
         run["color"] = colors[i % len(colors)]
-    out = Path(args.out_dir)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
     kinds = sorted({r["kind"] for r in runs}, key=lambda k: k != "pretrain")
     fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4.2), squeeze=False)
     for ax, kind in zip(axes[0], kinds):
         for run in (r for r in runs if r["kind"] == kind):
-            plot_loss(ax, run, run["color"], log_y=args.log_y)
+            plot_loss(ax, run, run["color"], log_y=log_y)
         ax.set_title(f"{kind} loss" + (" (answer tokens only)" if kind == "SFT" else ""))
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    bpc_runs = [r for r in runs if any(e.get("val_bpc") is not None for e in r["eval"])]
+    fig, axes = plt.subplots(2, 3 if bpc_runs else 2, figsize=(18 if bpc_runs else 12, 8), squeeze=False)
     for run in runs:
-        plot_loss(axes[0, 0], run, run["color"], log_y=args.log_y)
-        plot_loss(axes[0, 1], run, run["color"], x="tokens", log_y=args.log_y)
+        plot_loss(axes[0, 0], run, run["color"], log_y=log_y)
+        plot_loss(axes[0, 1], run, run["color"], x="tokens", log_y=log_y)
         axes[1, 0].plot([r["iter"] for r in run["train"]], [r["lr"] for r in run["train"]], color=run["color"],
                         label=run["name"])
         axes[1, 1].plot([r["iter"] for r in run["train"]], [r["tokens_per_s"] for r in run["train"]],
@@ -89,13 +86,33 @@ def main():
     axes[0, 1].set_title("loss vs tokens")
     axes[1, 0].set(title="learning rate", xlabel="iteration", ylabel="learning rate")
     axes[1, 1].set(title="training throughput", xlabel="iteration", ylabel="tokens / s")
-    for ax in axes[1]:
+    panels = list(axes[1, :2])
+    if bpc_runs:
+        ax = axes[0, 2]
+        for run in bpc_runs:
+            points = [e for e in run["eval"] if e.get("val_bpc") is not None]
+            ax.plot([e["tokens"] for e in points], [e["val_bpc"] for e in points], "o-", color=run["color"],
+                    label=run["name"])
+        ax.set(title="pretraining val bits per character", xlabel="tokens seen", ylabel="bits / character")
+        panels.append(ax)
+        axes[1, 2].axis("off")
+    for ax in panels:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
-    print(f"wrote {out / 'loss.png'} and {out / 'curves.png'}")
+    return [out / "loss.png", out / "curves.png"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files")
+    p.add_argument("--out_dir", default="plots")
+    p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
+    args = p.parse_args()
+    paths = plot_runs([read_run(r) for r in args.runs], args.out_dir, args.log_y)
+    print(f"wrote {paths[0]} and {paths[1]}")
 
 
 if __name__ == "__main__":

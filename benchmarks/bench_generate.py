@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import encode  # noqa: E402
+from tokenizer import GPT2  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -39,16 +39,17 @@ def main():
     args = p.parse_args()
     device = pick_device(args.device)
     if args.out_dir:
-        model, _ = load_model(args.out_dir, device)
+        model, tok, _ = load_model(args.out_dir, device)
     elif args.config:
         c = load_config([args.config])
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                               block_size=c["block_size"])).to(device).eval()
+        tok = GPT2
     else:
         raise UserError("give --out_dir or --config")
     n = min(args.new_tokens, model.config.block_size - 8)
-    idx = torch.tensor([encode("问:请背诵《静夜思》。\n答:")[:8]], device=device)
+    idx = torch.tensor([tok.encode("问:请背诵《静夜思》。\n答:")[:8]], device=device)
     timed(model, idx, 8, True, device)  # warm-up
     cached, t_cache = timed(model, idx, n, True, device)
     plain, t_plain = timed(model, idx, n, False, device)

@@ -15,13 +15,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from tokenizer import GPT2, load_vocab_file  # noqa: E402
 from train import load_config, measure_peak_flops, pick_dtype  # noqa: E402
 
 
 def bench(config_path, iters, device, batch_size):
     c = load_config([config_path])
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"]))
+    vocab = GPT2.vocab_size
+    if c["vocab"] == "trimmed":  # the trimmed vocabulary of the config's data (data/prepare.py writes it)
+        vocab = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[0].vocab_size
+    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                          vocab_size=vocab))
     model.to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
@@ -29,8 +34,8 @@ def bench(config_path, iters, device, batch_size):
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
     step_model = torch.compile(model) if device_type == "cuda" else model
     B, T = batch_size or c["batch_size"], c["block_size"]
-    x = torch.randint(0, 50257, (B, T), device=device)
-    y = torch.randint(0, 50257, (B, T), device=device)
+    x = torch.randint(0, vocab, (B, T), device=device)
+    y = torch.randint(0, vocab, (B, T), device=device)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
     def step():

@@ -1,5 +1,6 @@
 # SFT of the tiny CPU pretrain (config/train_tiny_cpu.py) on the default 问/答 set.
-#   python data/prepare_sft.py && python train.py config/sft_tiny_cpu.py
+#   python data/prepare_sft.py --vocab out/tiny-pretrain   # SFT rows in the pretrain's (trimmed) vocabulary
+#   python train.py config/sft_tiny_cpu.py
 out_dir = "out/tiny-sft"
 data_dir = "data/sft"
 init_from = "out/tiny-pretrain/best.pt"
@@ -8,9 +9,9 @@ batch_size = 8
 gradient_accumulation_steps = 1
 learning_rate = 1e-3
 min_lr = 1e-4
-max_iters = 200
+max_iters = 300
 warmup_iters = 10
-eval_interval = 50
-eval_iters = 10
+eval_interval = 100
+eval_iters = 20
 log_interval = 10
 device = "cpu"

@@ -1,10 +1,13 @@
 """
 Get raw text into data/<dataset>/docs.jsonl, one JSON document per line:
 {"text": ..., "source": ...} plus "title", "author", "lines" for poems (the SFT step
-builds its questions from those).
+builds its questions from those), and docs.meta.json saying where it came from and how it
+was converted (prepare.py copies that into its meta.json).
 
   python data/fetch_data.py fortunes-zh                 # the embedded default (Debian fortunes-zh)
   python data/fetch_data.py chinese-poetry              # download the MIT chinese-poetry JSON files
+                                                        # (traditional characters → simplified with OpenCC t2s;
+                                                        #  --keep_traditional to keep them as published)
   python data/fetch_data.py chinese-poetry --mirror ../shared/data/chinese-poetry --collections tangshi300 songci300
   python data/fetch_data.py local --input notes.txt corpus/ --name mytext
 """
@@ -21,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
-from data_utils import UserError, atomic_write, read_jsonl, run_cli  # noqa: E402
+from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -131,6 +134,24 @@ def records_to_docs(records, source):
     return docs
 
 
+def to_simplified(docs):
+    """全唐诗 and others are published in traditional characters (帝京篇: 函谷壯皇居) while the
+    SFT questions and most users write simplified: convert every field with OpenCC t2s."""
+    try:
+        import opencc
+    except ImportError:
+        raise UserError("the opencc package is missing: pip install -r requirements.txt "
+                        "(or pass --keep_traditional)") from None
+    t2s = opencc.OpenCC("t2s").convert
+    for d in docs:
+        for key in ("text", "title", "author"):
+            if d.get(key):
+                d[key] = t2s(d[key])
+        if "lines" in d:
+            d["lines"] = [t2s(ln) for ln in d["lines"]]
+    return f"OpenCC {getattr(opencc, '__version__', '')} t2s".replace("  ", " ")
+
+
 def fetch_chinese_poetry(args):
     names = args.collections or list(COLLECTIONS)
     unknown = [n for n in names if n not in COLLECTIONS]
@@ -201,17 +222,28 @@ def main():
     parser.add_argument("--name", default="custom", help="dataset name for local input")
     parser.add_argument("--txt_sep", help="split .txt files into documents on this string (default: one per file)")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
+    parser.add_argument("--keep_traditional", action="store_true",
+                        help="chinese-poetry: keep traditional characters (default: OpenCC t2s to simplified)")
     args = parser.parse_args()
 
     fetch = {"fortunes-zh": fetch_fortunes, "chinese-poetry": fetch_chinese_poetry, "local": fetch_local}[args.dataset]
     docs = fetch(args)
     if not docs:
         raise UserError("no documents found")
+    conversion = None
+    if args.dataset == "chinese-poetry" and not args.keep_traditional:
+        conversion = to_simplified(docs)
     out_dir = Path(args.out_dir or DATA_DIR / (args.name if args.dataset == "local" else args.dataset))
     atomic_write(out_dir / "docs.jsonl", lambda f: f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), mode="w")
     poems = sum("lines" in d for d in docs)
     chars = sum(len(d["text"]) for d in docs)
-    print(f"wrote {len(docs):,} documents ({poems:,} poems, {chars:,} characters) to {out_dir / 'docs.jsonl'}")
+    write_json(out_dir / "docs.meta.json", {
+        "dataset": args.dataset, "source": args.mirror or (args.input if args.dataset == "local" else None)
+        or (UPSTREAM.format(ref=args.ref, path="") if args.dataset == "chinese-poetry" else str(args.fortunes_dir)),
+        "collections": args.collections if args.dataset == "chinese-poetry" else None,
+        "conversion": conversion, "documents": len(docs), "poems": poems, "characters": chars})
+    print(f"wrote {len(docs):,} documents ({poems:,} poems, {chars:,} characters) to {out_dir / 'docs.jsonl'}"
+          + (f", converted to simplified characters ({conversion})" if conversion else ""))
 
 
 if __name__ == "__main__":

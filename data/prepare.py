@@ -1,13 +1,17 @@
 """
-Tokenize data/<dataset>/docs.jsonl with GPT-2 BPE into train.bin / val.bin (uint16 token
-ids, every document followed by <|endoftext|>) and meta.json. The split is by document
-with a fixed seed, so no document is half in train and half in val.
+Tokenize data/<dataset>/docs.jsonl with GPT-2 BPE into train.bin / val.bin (uint16 GPT-2
+token ids, every document followed by <|endoftext|>), meta.json, and vocab.json: the
+vocabulary trimmed to the GPT-2 ids this corpus uses (plus the byte tokens, <|endoftext|>
+and the chat template's tokens) and the characters it contains. A config with
+vocab="trimmed" trains on that vocabulary; the .bin files stay GPT-2 ids either way. The
+split is by document with a fixed seed, so no document is half in train and half in val.
 
   python data/prepare.py fortunes-zh
   python data/prepare.py --docs path/to/docs.jsonl --out_dir path/to/folder
 """
 import argparse
 import hashlib
+import json
 import os
 import sys
 from pathlib import Path
@@ -18,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
-from tokenizer import EOT, VOCAB_SHA256, get_tokenizer  # noqa: E402
+from tokenizer import EOT, VOCAB_SHA256, get_tokenizer, trimmed_vocabulary  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 
@@ -86,15 +90,26 @@ def main():
     train_idx, val_idx = split_by_document(len(ids), args.val_fraction, args.seed)
     n_train = write_tokens(out_dir / "train.bin", [ids[i] for i in train_idx])
     n_val = write_tokens(out_dir / "val.bin", [ids[i] for i in val_idx])
+    # the whole corpus's vocabulary (train and val): a trimmed model can then read val.bin
+    # token for token, so its bits per character compare with the full vocabulary's
+    vocab = trimmed_vocabulary(np.unique(np.concatenate([np.asarray(d, dtype=np.int64) for d in ids])))
+    chars = "".join(sorted(set().union(*map(set, texts))))
+    write_json(out_dir / "vocab.json", {"tokenizer": vocab.name, "gpt2_ids": vocab.state(), "chars": chars})
+    fetch_meta = docs_path.with_name("docs.meta.json")
     write_json(out_dir / "meta.json", {
         "source": str(docs_path), "docs_sha256": hashlib.sha256(docs_path.read_bytes()).hexdigest(),
         "train_tokens": n_train, "val_tokens": n_val,
         "train_documents": len(train_idx), "val_documents": len(val_idx),
+        # characters (not counting the <|endoftext|> separators): bits per character = nats / chars / ln 2
+        "train_chars": sum(len(texts[i]) for i in train_idx), "val_chars": sum(len(texts[i]) for i in val_idx),
+        "trimmed_vocab_tokens": vocab.n_tokens, "distinct_chars": len(chars),
+        "fetch": json.loads(fetch_meta.read_text(encoding="utf-8")) if fetch_meta.exists() else None,
         "val_fraction": args.val_fraction, "seed": args.seed,
         "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256, "dtype": "uint16", "eot": EOT,
     })
     print(f"train.bin: {n_train:,} tokens ({len(train_idx):,} docs), val.bin: {n_val:,} tokens "
-          f"({len(val_idx):,} docs) in {out_dir}")
+          f"({len(val_idx):,} docs) in {out_dir}; trimmed vocabulary {vocab.n_tokens:,} tokens "
+          f"(padded {vocab.vocab_size:,}), {len(chars):,} distinct characters")
 
 
 if __name__ == "__main__":

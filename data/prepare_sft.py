@@ -6,6 +6,11 @@ and meta.json. The chat template lives in tokenizer.py: 问:{q}\\n答:{a}<|endof
   python data/prepare_sft.py                       # the default set, built from real data (see README)
   python data/prepare_sft.py --input qa.jsonl chats.json notes.txt --out_dir data/my-sft
   python data/prepare_sft.py --pack --show 2       # packed rows; print the mask of 2 samples
+  python data/prepare_sft.py --vocab out/tiny-pretrain  # ids in that model's (trimmed) vocabulary
+
+The ids are in the vocabulary of the model to be fine-tuned (--vocab: a checkpoint, an
+out_dir, or a data folder with vocab.json; default full GPT-2), recorded in meta.json;
+train.py refuses SFT data tokenized for another vocabulary.
 
 Input formats, detected per record (or forced with --format):
   text      问:...\\n答:... blocks separated by blank lines (.txt; several 问/答 = multi-turn)
@@ -26,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
-from tokenizer import EOT, VOCAB_SHA256, decode, get_tokenizer, render_conversation  # noqa: E402
+from tokenizer import GPT2, VOCAB_SHA256, load_vocab_file, render_conversation  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 FORMATS = ("auto", "text", "qa", "alpaca", "chatglm3", "glm4", "sharegpt")
@@ -257,10 +262,10 @@ def default_groups(poems_path, seed, max_poems=None):
 
 
 # ------------------------------------------------------------------ tokens, rows, files
-def tokenize(conv, block_size, stats):
+def tokenize(tok, conv, block_size, stats):
     """(ids, mask, conv), right-truncated to block_size; None (counted) when nothing is
     left to train on, i.e. mask[1:] is all 0."""
-    ids, mask = render_conversation(conv["messages"], conv.get("tools"))
+    ids, mask = render_conversation(tok, conv["messages"], conv.get("tools"))
     if len(ids) > block_size:
         ids, mask = ids[:block_size], mask[:block_size]
         stats["truncated"] += 1
@@ -270,7 +275,7 @@ def tokenize(conv, block_size, stats):
     return ids, mask, conv
 
 
-def to_rows(samples, block_size, pack):
+def to_rows(samples, block_size, pack, pad_id):
     """Arrays (ids, mask, segment ids or None), each [rows, block_size]. Padding: one
     sample per row, padded with <|endoftext|> (mask 0). Packing: samples follow each
     other in a row until the next one does not fit; segment ids 1, 2, ... tell them apart."""
@@ -282,7 +287,7 @@ def to_rows(samples, block_size, pack):
         else:
             rows.append((ids, mask, [1] * len(ids)))
     n = len(rows)
-    ids_arr = np.full((n, block_size), EOT, dtype=np.uint16)
+    ids_arr = np.full((n, block_size), pad_id, dtype=np.uint16)
     mask_arr = np.zeros((n, block_size), dtype=np.uint8)
     seg_arr = np.zeros((n, block_size), dtype=np.uint16)
     for i, (ids, mask, seg) in enumerate(rows):
@@ -290,24 +295,35 @@ def to_rows(samples, block_size, pack):
     return ids_arr, mask_arr, (seg_arr if pack else None)
 
 
-def show_samples(ids, mask, n):
+def show_samples(tok, ids, mask, n):
     """Each token's text, id and training target (-100 where the loss is masked)."""
     for r in range(min(n, len(ids))):
-        used = int(np.nonzero(ids[r] != EOT)[0].max()) + 2 if (ids[r] != EOT).any() else 1
-        print(f"--- sample {r}: {decode(ids[r, :used - 1])!r}")
+        used = int(np.nonzero(ids[r] != tok.eot)[0].max()) + 2 if (ids[r] != tok.eot).any() else 1
+        print(f"--- sample {r}: {tok.decode(ids[r, :used - 1])!r}")
         print("   pos |    id | token            | target (the next id, or -100 where masked)")
         for t in range(min(used, len(ids[r]) - 1)):
             target = int(ids[r, t + 1]) if mask[r, t + 1] else -100
-            print(f"{t:6d} | {int(ids[r, t]):5d} | {token_text(ids[r, t]):16} | {target}")
+            print(f"{t:6d} | {int(ids[r, t]):5d} | {token_text(tok, ids[r, t]):16} | {target}")
 
 
-def token_text(token_id):
+def token_text(tok, token_id):
     """A token's text, or its bytes where it holds part of a multi-byte character."""
-    raw = get_tokenizer().decode_single_token_bytes(int(token_id))
+    raw = tok.decode_bytes([int(token_id)])
     try:
         return repr(raw.decode("utf-8"))
     except UnicodeDecodeError:
         return str(raw)
+
+
+def vocabulary(source):
+    """The tokenizer to write ids for: 'gpt2', or a checkpoint / out_dir / data folder."""
+    if source == "gpt2":
+        return GPT2
+    path = Path(source)
+    if path.is_dir() and (path / "vocab.json").exists():
+        return load_vocab_file(path / "vocab.json")[0]
+    from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
+    return checkpoint_tokenizer(load_checkpoint(find_checkpoint(path)))
 
 
 def main():
@@ -324,6 +340,8 @@ def main():
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print the tokens and targets of N samples")
+    parser.add_argument("--vocab", default="gpt2", help="the model's vocabulary: 'gpt2', or a checkpoint, out_dir "
+                                                        "or data folder with vocab.json (a trimmed vocabulary)")
     args = parser.parse_args()
     if not 2 <= args.block_size <= 65536:
         raise UserError(f"--block_size must be between 2 and 65536, got {args.block_size}")
@@ -341,8 +359,9 @@ def main():
         groups = default_groups(args.poems, args.seed, args.max_poems)
 
     # tokenize first, so that records with nothing left to train on never reach either split
+    tok = vocabulary(args.vocab)
     stats = {"truncated": 0, "skipped_no_trained_token": 0}
-    groups = [g for g in ([s for s in (tokenize(c, args.block_size, stats) for c in convs) if s] for convs in groups) if g]
+    groups = [g for g in ([s for s in (tokenize(tok, c, args.block_size, stats) for c in convs) if s] for convs in groups) if g]
     if len(groups) < 2:
         raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
     order = list(range(len(groups)))
@@ -351,10 +370,12 @@ def main():
     splits = {"val": [s for g in order[:n_val] for s in groups[g]], "train": [s for g in order[n_val:] for s in groups[g]]}
 
     out_dir = Path(args.out_dir)
+    text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])
     meta = {"block_size": args.block_size, "packed": args.pack, "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256,
-            "malformed_records": len(bad), "seed": args.seed, "source": args.input or args.poems}
+            "vocab": tok.name, "malformed_records": len(bad), "seed": args.seed, "source": args.input or args.poems,
+            "chars": "".join(sorted(set(text)))}
     for split, samples in splits.items():
-        ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack)
+        ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack, tok.eot)
         atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
         atomic_write(out_dir / f"sft_{split}_mask.bin", lambda f: f.write(mask.tobytes()))
         if seg is not None:
@@ -369,7 +390,7 @@ def main():
         print(f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
               f"{mask.mean() * 100:.1f}% of tokens trained")
         if split == "train" and args.show:
-            show_samples(ids, mask, args.show)
+            show_samples(tok, ids, mask, args.show)
     meta.update(stats)
     write_json(out_dir / "meta.json", meta)
     print(f"truncated {stats['truncated']}, skipped (no trained token) {stats['skipped_no_trained_token']}; "

@@ -78,12 +78,21 @@ def data_dir(request):
 
 
 @pytest.fixture(scope="session")
-def tiny_runs(pretrain_dir, sft_dir, tmp_path_factory):
-    """A tiny pretrained model and its SFT, trained for real (a few dozen iterations)."""
+def tiny_runs(pretrain_dir, fortunes_docs, tmp_path_factory):
+    """A tiny pretrained model with the vocabulary trimmed to fortunes-zh, and its SFT on
+    data tokenized with that model's vocabulary, trained for real (a few dozen iterations)."""
     import train
     out = tmp_path_factory.mktemp("runs")
-    train.main([*TINY, "--block_size=64", f"--data_dir={pretrain_dir}", f"--out_dir={out / 'pre'}",
+    train.main([*TINY, "--block_size=64", "--vocab=trimmed", f"--data_dir={pretrain_dir}", f"--out_dir={out / 'pre'}",
                 "--max_iters=30", "--eval_interval=15"])
-    train.main([*TINY, f"--data_dir={sft_dir}", f"--out_dir={out / 'sft'}", f"--init_from={out / 'pre' / 'best.pt'}",
+    run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", out / "sft-data", "--block_size", "65",
+               "--vocab", out / "pre")
+    train.main([*TINY, f"--data_dir={out / 'sft-data'}", f"--out_dir={out / 'sft'}", f"--init_from={out / 'pre' / 'best.pt'}",
                 "--max_iters=30", "--eval_interval=15", "--batch_size=8"])
     return out / "pre", out / "sft"
+
+
+@pytest.fixture(scope="session")
+def tiny_sft_data(tiny_runs):
+    """The SFT data of tiny_runs, in its trimmed vocabulary."""
+    return tiny_runs[0].parent / "sft-data"

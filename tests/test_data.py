@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED_POETRY, load_script, run_script
 from data_utils import PretrainData
-from tokenizer import EOT, decode
+from tokenizer import EOT, GPT2
 
 
 def test_fortunes_documents(fortunes_docs):
@@ -27,7 +27,7 @@ def test_prepare_round_trip(pretrain_dir, fortunes_docs):
     texts = sorted(json.loads(line)["text"] for line in fortunes_docs.read_text().splitlines())
     ids = np.concatenate([np.fromfile(pretrain_dir / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
     assert ids[-1] == EOT
-    recovered = decode(ids).split("<|endoftext|>")[:-1]
+    recovered = GPT2.decode(ids).split("<|endoftext|>")[:-1]
     assert sorted(recovered) == texts
     meta = json.loads((pretrain_dir / "meta.json").read_text())
     assert meta["train_tokens"] + meta["val_tokens"] == len(ids)
@@ -35,7 +35,7 @@ def test_prepare_round_trip(pretrain_dir, fortunes_docs):
 
 
 def test_windows_stay_in_bounds_and_shift_by_one(pretrain_dir):
-    data = PretrainData(pretrain_dir, block_size=64)
+    data = PretrainData(pretrain_dir, block_size=64, tok=GPT2)
     n = data.num_tokens("val")
     g = torch.Generator().manual_seed(0)
     rows = data.sample_rows("val", 5000, g)

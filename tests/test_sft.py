@@ -9,13 +9,15 @@ from conftest import TINY, load_script, read_log, run_script
 from data_utils import SFTData, UserError
 from model import GPT, GPTConfig
 from test_tokenizer import spans
-from tokenizer import EOT, decode, render_conversation
+from tokenizer import EOT, GPT2, render_conversation
+
+decode = GPT2.decode
 
 prepare_sft = load_script("data/prepare_sft.py")
 
 
 def test_multi_turn_session_trains_every_answer():
-    ids, mask = render_conversation([
+    ids, mask = render_conversation(GPT2, [
         {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
         {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a2"}])
     assert decode(ids) == "问:q1\n答:a1<|endoftext|>问:q2\n答:a2<|endoftext|>"
@@ -24,7 +26,7 @@ def test_multi_turn_session_trains_every_answer():
 
 def test_system_tools_observation_and_loss_flags():
     tools = [{"name": "天气", "parameters": {"city": "string"}}]
-    ids, mask = render_conversation([
+    ids, mask = render_conversation(GPT2, [
         {"role": "system", "content": "你是助手"},
         {"role": "user", "content": "北京天气?"},
         {"role": "assistant", "tool": "天气", "content": '{"city": "北京"}'},
@@ -100,7 +102,7 @@ def test_truncation_and_skip_counts(tmp_path):
 
 
 def test_sft_batch_alignment_and_show(sft_dir):
-    data = SFTData(sft_dir, block_size=64)
+    data = SFTData(sft_dir, block_size=64, tok=GPT2)
     b = data.get_batch("train", 8, torch.Generator().manual_seed(0))
     ids = np.fromfile(sft_dir / "sft_train.bin", dtype=np.uint16).reshape(-1, 65)
     mask = np.fromfile(sft_dir / "sft_train_mask.bin", dtype=np.uint8).reshape(-1, 65)
@@ -145,7 +147,7 @@ def test_packing_changes_efficiency_not_the_loss(tmp_path, fortunes_docs):
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=128)).eval()
     totals = {}
     for mode in ("pad", "pack"):
-        data = SFTData(tmp_path / mode, block_size=128)
+        data = SFTData(tmp_path / mode, block_size=128, tok=GPT2)
         loss_sum, count = 0.0, 0
         for rows in torch.arange(data.num_rows("val")).split(16):  # full logits of all rows would be GBs
             b = data.load("val", rows, "cpu")

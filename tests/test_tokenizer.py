@@ -1,7 +1,9 @@
 import pytest
 
 import tokenizer
-from tokenizer import EOT, decode, encode, get_tokenizer, render_conversation, render_prompt
+from tokenizer import EOT, GPT2, get_tokenizer, render_conversation, render_prompt
+
+encode, decode = GPT2.encode, GPT2.decode
 
 
 def test_known_gpt2_ids():
@@ -47,7 +49,7 @@ def spans(ids, mask):
 
 
 def test_single_turn_template_and_mask():
-    ids, mask = render_conversation([{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"}])
+    ids, mask = render_conversation(GPT2, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"}])
     assert decode(ids) == "问:你好\n答:你好!<|endoftext|>"
     assert spans(ids, mask) == ["你好!<|endoftext|>"]
     assert ids[-1] == EOT and mask[-1] == 1
@@ -55,6 +57,6 @@ def test_single_turn_template_and_mask():
 
 def test_prompt_is_prefix_of_training_sample():
     conv = [{"role": "user", "content": "床前明月光的下一句?"}, {"role": "assistant", "content": "疑是地上霜"}]
-    ids, mask = render_conversation(conv)
-    prompt = render_prompt([], conv[0]["content"])
+    ids, mask = render_conversation(GPT2, conv)
+    prompt = render_prompt(GPT2, [], conv[0]["content"])
     assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and all(mask[len(prompt):])

@@ -13,9 +13,9 @@ from checkpoint import load_model
 from conftest import ROOT, run_script
 from evaluations import char_f1, corpus_bleu, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
-from sample import chat_prompt, stream_text
+from sample import answer, chat_prompt, model_constraint, stream_text
 from sample_gradio import dialogue, message_text
-from tokenizer import decode, encode, render_prompt
+from tokenizer import GPT2, render_prompt
 
 
 def test_metrics_match_hand_computed_values():
@@ -32,24 +32,24 @@ def test_metrics_match_hand_computed_values():
 def test_streaming_equals_non_streaming():
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
-    ids = encode("问:床前明月光\n答:")
-    streamed = "".join(stream_text(model, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=7))
+    ids = GPT2.encode("问:床前明月光\n答:")
+    streamed = "".join(stream_text(model, GPT2, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=7))
     g = torch.Generator().manual_seed(7)
     full = model.generate(torch.tensor([ids]), 40, temperature=1.0, top_k=100, generator=g)
-    assert streamed == decode(full[0, len(ids):].tolist())
-    assert "".join(stream_text(model, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=8)) != streamed
+    assert streamed == GPT2.decode(full[0, len(ids):].tolist())
+    assert "".join(stream_text(model, GPT2, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=8)) != streamed
 
 
 def test_chat_history_is_trimmed_from_the_left():
     history = []
     for i in range(6):
         history += [{"role": "user", "content": f"第{i}个问题" * 3}, {"role": "assistant", "content": f"第{i}个回答" * 3}]
-    ids, kept = chat_prompt(history, "最后的问题", block_size=160, max_new_tokens=32)
+    ids, kept = chat_prompt(GPT2, history, "最后的问题", block_size=160, max_new_tokens=32)
     assert len(ids) <= 160 - 32 and 0 < len(kept) < len(history) and len(kept) % 2 == 0
     assert kept == history[-len(kept):]  # the latest turns survive
-    assert ids == render_prompt(kept, "最后的问题")
+    assert ids == render_prompt(GPT2, kept, "最后的问题")
     with pytest.raises(ValueError, match="does not fit"):
-        chat_prompt([], "长" * 200, block_size=160, max_new_tokens=32)
+        chat_prompt(GPT2, [], "长" * 200, block_size=160, max_new_tokens=32)
 
 
 def test_sample_cli(tiny_runs):
@@ -74,10 +74,10 @@ def test_interactive_chat_keeps_history_and_resets(tiny_runs):
     assert proc.stdout.count("答: ") == 2 and "(history cleared)" in proc.stdout
 
 
-def test_evaluations_end_to_end(tiny_runs, pretrain_dir, sft_dir, tmp_path):
+def test_evaluations_end_to_end(tiny_runs, pretrain_dir, tiny_sft_data, tmp_path):
     pre, sft = tiny_runs
     out = run_script("evaluations.py", f"--out_dir={sft}", f"--compare={pre}", f"--pretrain_data={pretrain_dir}",
-                     f"--sft_data={sft_dir}", "--questions=3", "--max_new_tokens=8", "--max_batches=2",
+                     f"--sft_data={tiny_sft_data}", "--questions=3", "--max_new_tokens=8", "--max_batches=2",
                      f"--json={tmp_path / 'e.json'}").stdout
     assert "sft_answer_loss" in out and "rouge_l" in out and "问:" in out
     res = json.loads((tmp_path / "e.json").read_text())
@@ -121,30 +121,35 @@ def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
                 assert server.poll() is None, server.stdout.read()
                 time.sleep(0.5)
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        job = client.submit("《静夜思》的作者是谁?", [], str(sft), 0.0, 0, 1.0, 16, api_name="/chat")
+        job = client.submit("《静夜思》的作者是谁?", [], str(sft), 0.0, 0, 1.0, 16, "chars", api_name="/chat")
         updates = [out for out in job]
         history, box = job.result()
         assert box == "" and [message_text(m) for m in history][0] == "《静夜思》的作者是谁?"
         reply = history[-1]
         assert reply["role"] == "assistant" and message_text(reply)
         assert len(updates) >= 2  # streamed: several partial answers before the last
-        model, _ = load_model(sft)
-        expected = "".join(stream_text(model, render_prompt([], "《静夜思》的作者是谁?"), max_new_tokens=16,
-                                       temperature=0, stop_at_eot=True)) or "(空回答 / empty answer)"
+        model, tok, ckpt = load_model(sft)
+        expected = "".join(answer(model, tok, [], "《静夜思》的作者是谁?", constraint=model_constraint(tok, ckpt),
+                                  max_new_tokens=16, temperature=0)) or "(空回答 / empty answer)"
         assert message_text(reply) == expected
         # a second turn sees the first as history (the page sends its history back)
-        history2, _ = client.predict("请背诵这首诗。", history, str(sft), 0.0, 0, 1.0, 16, api_name="/chat")
+        history2, _ = client.predict("请背诵这首诗。", history, str(sft), 0.0, 0, 1.0, 16, "chars", api_name="/chat")
         assert len(history2) == 4 and dialogue(history2)[:2] == dialogue(history)
-        empty, _ = client.predict("   ", [], str(sft), 0.7, 50, 0.95, 16, api_name="/chat")
+        empty, _ = client.predict("   ", [], str(sft), 0.7, 50, 0.95, 16, "chars", api_name="/chat")
         assert "请输入" in message_text(empty[-1]) and dialogue(empty) == []
-        long, _ = client.predict("长" * 600, [], str(sft), 0.7, 50, 0.95, 16, api_name="/chat")
+        long, _ = client.predict("长" * 600, [], str(sft), 0.7, 50, 0.95, 16, "chars", api_name="/chat")
         assert "太长" in message_text(long[-1])
     finally:
         server.terminate()
         server.wait(timeout=30)
 
 
-def test_demo_smoke_runs_every_step(tmp_path):
-    proc = run_script("demo.py", "--smoke", "--out", tmp_path / "out", "--plots", tmp_path / "plots", timeout=600)
-    assert "all done" in proc.stdout
-    assert (tmp_path / "out" / "tiny-sft" / "eval.json").exists() and (tmp_path / "plots" / "loss.png").exists()
+def test_demo_smoke_runs_every_step_and_leaves_tracked_files_alone(tmp_path):
+    tracked = subprocess.run(["git", "ls-files", "-s", "docs"], cwd=ROOT, capture_output=True, text=True).stdout
+    before = {p: (ROOT / p).read_bytes() for p in ("docs/loss.png", "docs/curves.png", "docs/gradio.png")}
+    proc = run_script("demo.py", "--smoke", "--out", tmp_path / "out", timeout=600)
+    assert "all done" in proc.stdout and "Report:" in proc.stdout
+    sft = tmp_path / "out" / "tiny-sft"
+    assert (sft / "eval.json").exists() and (sft / "loss.png").exists() and "## Evaluation" in (sft / "report.md").read_text()
+    assert {p: (ROOT / p).read_bytes() for p in before} == before
+    assert subprocess.run(["git", "ls-files", "-s", "docs"], cwd=ROOT, capture_output=True, text=True).stdout == tracked
