@@ -41,10 +41,10 @@ def main():
     step("fetch the embedded default (Debian fortunes-zh)", "data/fetch_data.py", "fortunes-zh")
     step("tokenize for pretraining", "data/prepare.py", "fortunes-zh")
     step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--out_dir={pre}", *quick)
-    step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}")
+    step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack")
     step("tiny SFT", "train.py", "config/sft_tiny_cpu.py", f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}", *quick)
     step("evaluate SFT vs pretrained, write the report", "evaluations.py", f"--out_dir={sft}", f"--compare={pre}",
-         "--show=6", *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=40"]))
+         "--show=6", *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))
     if args.refresh_docs:
         for name in ("loss.png", "curves.png"):
             shutil.copyfile(sft / name, ROOT / "docs" / name)

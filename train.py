@@ -211,6 +211,10 @@ def main(argv=None):
         if c["init_from"] == "resume":
             iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     model.to(device)
+    # the config saved with the checkpoints tells the model that was trained, also where
+    # the shape and vocabulary came from a checkpoint rather than from these keys
+    c.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")},
+             vocab="trimmed" if tok.trimmed else "gpt2")
     data = open_data(c["data_dir"], model_args["block_size"], tok)
     kind = "sft" if isinstance(data, SFTData) else "pretrain"
     # the characters the model has seen in training: by default generation writes no other
