@@ -265,10 +265,14 @@ def write_report(path, runs, questions, args, plots):
             bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
             lines.append(f"| {t} | {bt[0].get('questions', 0)} | "
                          + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}" for b in bt) + " |")
-    lines += ["", "## Sampled answers", ""]
+    lines += ["", "## Sampled answers", "", "(greedy; a line break in a poem is shown as ` / `)", ""]
+
+    def one_line(text):
+        return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
+
     for i, (q, ref) in enumerate(questions[:args.report_answers]):
-        lines += [f"**问:** {q}  ", f"**参考:** {ref}  "]
-        lines += [f"**`{Path(n).name}` 答:** {runs[n][1][i] or '(empty)'}  " for n in names]
+        lines += [f"**问:** {one_line(q)}  ", f"**参考:** {one_line(ref)}  "]
+        lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in names]
         lines.append("")
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
 

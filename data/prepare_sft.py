@@ -243,21 +243,30 @@ def chatterbot_conversations():
     return convs
 
 
-def default_groups(poems_path, seed, max_poems=None):
+def default_groups(poems_paths, seed, max_poems=None):
     """Groups of conversations for the default set: one group per poem (so a held-out poem
-    has none of its questions in training) and one per dialogue."""
-    if not Path(poems_path).exists():
-        raise UserError(f"{poems_path} not found: run data/fetch_data.py fortunes-zh first")
+    has none of its questions in training) and one per dialogue. max_poems caps each file."""
     rng = random.Random(seed)
-    records, _ = read_jsonl(poems_path)
-    poems = [r for _, r in records if r.get("lines") and r.get("title")]
-    if not poems:
-        raise UserError(f"{poems_path}: no poems (documents with title and lines) to build questions from")
-    if max_poems and len(poems) > max_poems:  # e.g. 91k chinese-poetry poems would make ~640k samples
-        poems = rng.sample(poems, max_poems)
+    poems, seen = [], set()
+    for path in [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths:
+        if not Path(path).exists():
+            raise UserError(f"{path} not found: run data/fetch_data.py fortunes-zh first")
+        records, _ = read_jsonl(path)
+        found = [r for _, r in records if r.get("lines") and r.get("title")]
+        if not found:
+            raise UserError(f"{path}: no poems (documents with title and lines) to build questions from")
+        if max_poems and len(found) > max_poems:  # e.g. 91k chinese-poetry poems would make ~640k samples
+            found = rng.sample(found, max_poems)
+        # the same poem in two collections (唐诗三百首 is in both) must not straddle train and val
+        for p in found:
+            key = (p["title"], p.get("author"), tuple(p["lines"]))
+            if key not in seen:
+                seen.add(key)
+                poems.append(p)
     groups = [poem_conversations(p, rng) for p in poems]
     dialogues = chatterbot_conversations()
-    print(f"default SFT set: {len(poems):,} poems from {poems_path}, {len(dialogues):,} chatterbot-corpus dialogues")
+    print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths))}, "
+          f"{len(dialogues):,} chatterbot-corpus dialogues")
     return groups + [[d] for d in dialogues]
 
 
@@ -330,9 +339,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="SFT files (.jsonl, .json, .txt); default: the built-in set")
     parser.add_argument("--format", default="auto", choices=FORMATS)
-    parser.add_argument("--poems", default=str(DATA_DIR / "fortunes-zh" / "docs.jsonl"),
-                        help="documents with poems for the default set")
-    parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems")
+    parser.add_argument("--poems", nargs="+", default=[str(DATA_DIR / "fortunes-zh" / "docs.jsonl")],
+                        help="documents with poems for the default set (one or more docs.jsonl)")
+    parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems of each file")
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
     parser.add_argument("--pack", action="store_true", help="several samples per row instead of padding")
