@@ -8,6 +8,8 @@ generate_stream() use a KV cache.
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
@@ -54,7 +56,7 @@ class CausalSelfAttention(nn.Module):
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
             k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-            if start > 0:  # new queries see the whole cached prefix plus a causal part of themselves
+            if start > 0 and attn_mask is None:  # new queries see the cached prefix plus a causal part of themselves
                 is_causal = False
                 if T > 1:
                     attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
@@ -99,6 +101,19 @@ def packed_positions_and_mask(segment_ids):
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
     causal = torch.ones(T, T, dtype=torch.bool, device=segment_ids.device).tril()
     return t - segment_start, (same_segment & causal)[:, None]
+
+
+def left_padded_positions_and_mask(pad, start, T):
+    """Row b starts with pad[b] padding tokens: its positions count from its first real
+    token, and no query attends to padding. A padding query attends to itself only, so
+    its (unused) output stays finite instead of NaN from an empty softmax."""
+    t = torch.arange(start, start + T, device=pad.device)
+    keys = torch.arange(start + T, device=pad.device)
+    pos = (t[None, :] - pad[:, None]).clamp(min=0)
+    causal = keys[None, :] <= t[:, None]  # (T, S)
+    real_key = keys[None, None, :] >= pad[:, None, None]  # (B, 1, S)
+    itself = keys[None, :] == t[:, None]
+    return pos, ((causal & real_key) | itself)[:, None]
 
 
 def masked_cross_entropy(logits, targets, loss_mask=None):
@@ -146,7 +161,7 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx, targets=None, loss_mask=None, segment_ids=None, kv_cache=None,
-                last_logits_only=False):
+                last_logits_only=False, pad=None):
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
         if start + T > self.config.block_size:
@@ -154,6 +169,8 @@ class GPT(nn.Module):
         attn_mask = None
         if segment_ids is not None:
             pos, attn_mask = packed_positions_and_mask(segment_ids)
+        elif pad is not None:  # a batch of left-padded prompts (batched generation)
+            pos, attn_mask = left_padded_positions_and_mask(pad, start, T)
         else:
             pos = torch.arange(start, start + T, device=idx.device)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
@@ -192,39 +209,60 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, use_cache=True, generator=None, constraint=None):
+                        stop_token=None, use_cache=True, generator=None, constraint=None, pad=None):
         """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
         Stops early once every row has produced stop_token. The KV cache path gives the
         same tokens as recomputing the context; past block_size the context is cropped to
         the last block_size tokens, which a cache cannot reuse, so those steps recompute.
-        constraint (tokenizer.TextConstraint): each row may only take the tokens its state
-        allows (valid UTF-8 of known characters); the rest get probability 0 before sampling."""
+        constraint (tokenizer.TextConstraint, or one per row): each row may only take the
+        tokens its state allows (valid UTF-8 of known characters); the rest get probability
+        0 before sampling. pad (B,): left-padding of each row's prompt, for a batch of
+        prompts of different lengths; each row then gives what it would give alone."""
         block = self.config.block_size
         cache = None
-        states = [b""] * idx.size(0)  # the prompt ends between characters
+        B = idx.size(0)
+        states = [b""] * B  # the prompt ends between characters
+        rows = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * B
+        if pad is not None and idx.size(1) + max_new_tokens > block:
+            raise ValueError(f"batched generation needs prompt + new tokens within block_size {block}")
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        active = torch.arange(B, device=idx.device)  # batched (pad given): finished rows leave the batch
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
                 if cache is None or cache.length != idx.size(1) - 1:  # (re)fill from the prompt
                     cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
-                    logits, _ = self(idx, kv_cache=cache, last_logits_only=True)
+                    logits, _ = self(idx, kv_cache=cache, last_logits_only=True, pad=pad)
                 else:
-                    logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True)
+                    logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
             else:
-                logits, _ = self(idx[:, -block:], last_logits_only=True)
+                logits, _ = self(idx[:, -block:], last_logits_only=True, pad=pad)
             logits = logits[:, -1, :]
             if constraint is not None:
-                logits = logits.masked_fill(~constraint.allowed(states, logits.device), float("-inf"))
+                allowed = np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
+                                    for c, s in zip(rows, states)])
+                logits = logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
             next_id = sample_next(logits, temperature, top_k, top_p, generator)
             if constraint is not None:
-                states = constraint.advance(states, next_id.tolist())
+                states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
             if stop_token is not None:
                 next_id = torch.where(done, torch.full_like(next_id, stop_token), next_id)
                 done |= next_id == stop_token
             idx = torch.cat((idx, next_id[:, None]), dim=1)
-            yield next_id
+            if active.numel() < B:  # every row is reported; finished ones repeat stop_token
+                yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(0, active, next_id)
+            else:
+                yield next_id
             if stop_token is not None and bool(done.all()):
                 return
+            if pad is not None and stop_token is not None and bool(done.any()):
+                # a finished row would only burn compute until the longest answer ends: drop it
+                keep = ~done
+                active, idx, pad, done = active[keep], idx[keep], pad[keep], done[keep]
+                kept = keep.tolist()
+                states = [s for s, k in zip(states, kept) if k]
+                rows = [c for c, k in zip(rows, kept) if k]
+                if cache is not None:
+                    cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, **kwargs):

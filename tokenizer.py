@@ -277,14 +277,6 @@ class TextConstraint:
             self._masks[state] = m
         return self._masks[state]
 
-    def allowed(self, states, device):
-        """(B, V) bool tensor for a batch of row states."""
-        import torch
-        return torch.from_numpy(np.stack([self.mask(s) for s in states])).to(device)
-
-    def advance(self, states, tokens):
-        return [self.step(s, int(t)) for s, t in zip(states, tokens)]
-
 
 @lru_cache(maxsize=16)
 def _cached_constraint(tok, chars):

@@ -1,9 +1,11 @@
 """
 Generation speed, batch 1: tokens/s with the KV cache vs recomputing the whole context at
 every step, measured in one run on the same model and prompt (greedy, so both paths
-produce the same tokens; the script checks that).
+produce the same tokens; the script checks that). With a checkpoint and --sft_data, also
+the held-out questions answered one by one vs batched (left-padded, --gen_batch at a
+time), greedy with the decoding constraint; the answers must be identical.
 
-  python benchmarks/bench_generate.py --out_dir=out/tiny-sft
+  python benchmarks/bench_generate.py --out_dir=out/tiny-sft --sft_data=data/sft
   python benchmarks/bench_generate.py --config=config/train_config.py   # random weights, 45M shape
 """
 import argparse
@@ -18,6 +20,8 @@ from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import GPT2  # noqa: E402
+from evaluations import held_out_questions  # noqa: E402
+from sample import answer, answer_batch, model_constraint  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -36,10 +40,14 @@ def main():
     p.add_argument("--config", help="or: a training config; the model gets random weights")
     p.add_argument("--new_tokens", type=int, default=256)
     p.add_argument("--device", default="auto")
+    p.add_argument("--sft_data", help="with --out_dir: time answering its held-out questions, batched vs one by one")
+    p.add_argument("--questions", type=int, default=40)
+    p.add_argument("--gen_batch", type=int, default=16)
+    p.add_argument("--max_new_tokens", type=int, default=96)
     args = p.parse_args()
     device = pick_device(args.device)
     if args.out_dir:
-        model, tok, _ = load_model(args.out_dir, device)
+        model, tok, ckpt = load_model(args.out_dir, device)
     elif args.config:
         c = load_config([args.config])
         torch.manual_seed(0)
@@ -57,6 +65,29 @@ def main():
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{name}: {model.num_params() / 1e6:.1f}M params, batch 1, {n} new tokens: "
           f"KV cache {n / t_cache:,.0f} tok/s, recompute {n / t_plain:,.0f} tok/s, speed-up x{t_plain / t_cache:.1f}")
+    if args.out_dir and args.sft_data:
+        batched_vs_one_by_one(model, tok, ckpt, args)
+
+
+def batched_vs_one_by_one(model, tok, ckpt, args):
+    questions = [q for q, _ in held_out_questions(args.sft_data, args.questions)]
+    if not questions:
+        raise UserError(f"no held-out questions in {args.sft_data}/sft_val.jsonl")
+    constraint = model_constraint(tok, ckpt)
+    answer_batch(model, tok, questions[:2], constraint=constraint, max_new_tokens=8)  # warm-up, masks
+    t0 = time.perf_counter()
+    one = ["".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=args.max_new_tokens,
+                          temperature=0)) for q in questions]
+    t_one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    batched = answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=args.max_new_tokens,
+                           batch_size=args.gen_batch)
+    t_batch = time.perf_counter() - t0
+    assert batched == one, "batched and one-by-one greedy answers differ"
+    chars = sum(map(len, one))
+    print(f"{len(questions)} held-out questions, greedy, max {args.max_new_tokens} new tokens: one by one "
+          f"{t_one:.1f}s ({chars / t_one:,.0f} chars/s), batched x{args.gen_batch} {t_batch:.1f}s "
+          f"({chars / t_batch:,.0f} chars/s): speed-up x{t_one / t_batch:.1f}, identical answers")
 
 
 if __name__ == "__main__":

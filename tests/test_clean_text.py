@@ -174,6 +174,13 @@ def test_kv_cache_equals_recompute_with_the_constraint(trimmed):
     out = [model.generate(idx, 80, temperature=1.2, top_k=200, use_cache=cache, constraint=constraint,
                           generator=torch.Generator().manual_seed(5)) for cache in (True, False)]
     assert torch.equal(out[0], out[1])  # 80 new tokens run past block_size 48: cropping too
+    # left-padded rows (batched generation): the cache path still equals recomputation
+    short, long = tok.encode("问:你\n答:"), tok.encode("问:床前明月\n答:")
+    padded = torch.tensor([[tok.eot] * (len(long) - len(short)) + short, long])
+    pad = torch.tensor([len(long) - len(short), 0])
+    out = [model.generate(padded, 30, temperature=1.2, use_cache=cache, constraint=constraint, pad=pad,
+                          generator=torch.Generator().manual_seed(5)) for cache in (True, False)]
+    assert torch.equal(out[0], out[1])
 
 
 def test_answers_never_end_inside_a_character(tiny_runs):
@@ -231,3 +238,17 @@ def test_chinese_poetry_is_converted_to_simplified(tmp_path):
     assert json.loads((tmp_path / "t" / "docs.meta.json").read_text())["conversion"] is None
     run_script("data/prepare.py", "--docs", tmp_path / "s" / "docs.jsonl", "--num_threads", "2")
     assert json.loads((tmp_path / "s" / "meta.json").read_text())["fetch"]["conversion"].startswith("OpenCC")
+
+
+# ------------------------------------------------------------------ batched generation
+@pytest.mark.parametrize("mode", ["chars", "off"])
+def test_batched_greedy_answers_equal_one_by_one(tiny_runs, tiny_sft_data, mode):
+    from evaluations import held_out_questions
+    from sample import answer_batch
+    model, tok, ckpt = load_model(tiny_runs[1])
+    constraint = model_constraint(tok, ckpt, mode)
+    questions = [q for q, _ in held_out_questions(tiny_sft_data, 12)] + ["你好", "龘靐齉是什么?"]
+    one = ["".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=20, temperature=0))
+           for q in questions]
+    assert len({len(tok.encode(q)) for q in questions}) > 3  # prompts of many lengths: real left padding
+    assert answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=20, batch_size=5) == one
