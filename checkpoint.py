@@ -77,7 +77,9 @@ def find_checkpoint(path):
 
 
 def load_model(path, device="cpu"):
-    """(model in eval mode on device, its tokenizer, checkpoint dict) from a file or an out_dir."""
+    """(model in eval mode on device, its tokenizer, the checkpoint's other fields) from a file or an out_dir."""
     ckpt = load_checkpoint(find_checkpoint(path))
     model = model_from_checkpoint(ckpt).to(device).eval()
-    return model, checkpoint_tokenizer(ckpt), ckpt
+    # the weights now live in the model; the optimizer state is for resuming only
+    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
+    return model, checkpoint_tokenizer(ckpt), meta

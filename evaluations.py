@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 import visualize
-from checkpoint import find_checkpoint, load_checkpoint, load_model
+from checkpoint import find_checkpoint, load_model
 from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
 from sample import answer_batch, model_constraint
 from tokenizer import CONSTRAINTS, EOT, GPT2
@@ -167,7 +167,8 @@ def question_type(q):
 def evaluate(path, args, device, questions):
     model, tok, ckpt = load_model(path, device)
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
-              "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size}
+              "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
+              "model_args": ckpt["model_args"], "config": ckpt.get("config") or {}}
     loss, bpc = pretrain_loss(model, tok, args.pretrain_data, args.batch_size, args.max_batches, device)
     result["pretrain_val_loss"] = loss
     result["pretrain_val_ppl"] = math.exp(loss) if loss is not None else None
@@ -226,7 +227,6 @@ def write_report(path, runs, questions, args, plots):
     """report.md: what a student hands in. The config, size, data and cost of each run, the
     loss plots, the evaluation table and sampled answers."""
     names = list(runs)
-    ckpts = {n: load_checkpoint(find_checkpoint(n)) for n in names}
     lines = [f"# MiniGLM run report: {names[0]}", "",
              f"Written by `evaluations.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
              f"{len(questions)} held-out questions, greedy decoding, constraint `{args.constrain}`.", "",
@@ -239,9 +239,9 @@ def write_report(path, runs, questions, args, plots):
     row("kind", [str(runs[n][0]["kind"]) for n in names])
     row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
     row("layers × width, heads, context", [
-        f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (ckpts[n]["model_args"] for n in names)])
+        f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (runs[n][0]["model_args"] for n in names)])
     row("vocabulary", [f"{runs[n][0]['vocab']} ({runs[n][0]['vocab_size']:,} slots)" for n in names])
-    row("data", [f"`{(ckpts[n].get('config') or {}).get('data_dir', '?')}`" for n in names])
+    row("data", [f"`{runs[n][0]['config'].get('data_dir', '?')}`" for n in names])
     row("iterations", [fmt(summaries[n].get("iterations")) for n in names])
     row("tokens trained", [f"{summaries[n]['tokens']:,}" if summaries[n].get("tokens") else "-" for n in names])
     row("training wall time", [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names])
@@ -249,7 +249,7 @@ def write_report(path, runs, questions, args, plots):
     row("val loss, first → last eval", [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}"
                                         for n in names])
     lines += ["", f"## Configuration of `{names[0]}`", "", "```python"]
-    lines += [f"{k} = {v!r}" for k, v in sorted((ckpts[names[0]].get("config") or {}).items())]
+    lines += [f"{k} = {v!r}" for k, v in sorted(runs[names[0]][0]["config"].items())]
     lines += ["```", ""]
     if plots:
         lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
