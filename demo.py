@@ -1,5 +1,5 @@
 """
-The whole pipeline in one command, on the embedded default data, on a CPU in ~7 minutes:
+The whole pipeline in one command, on the embedded default data, on a CPU in ~6 minutes:
 fetch fortunes-zh → prepare → tiny pretrain (vocabulary trimmed to the data) → prepare SFT
 (in that vocabulary) → tiny SFT → evaluate against the pretrained model → report.
 
