@@ -3,6 +3,7 @@ Shared plumbing for the scripts: user-facing errors, atomic file writes, the doc
 format written by data/fetch_data.py, and the training batches (pretrain windows from a
 uint16 memmap; SFT rows with their loss mask).
 """
+import codecs
 import json
 import math
 import os
@@ -65,22 +66,46 @@ def write_json(path, obj):
     atomic_write(path, lambda f: json.dump(obj, f, ensure_ascii=False, indent=2), mode="w")
 
 
-def read_jsonl(path, strict=True):
-    """Yield (line number, record) from a JSONL file; a bad line is a UserError naming
-    file:line when strict, else it is skipped and counted in the returned list `bad`."""
+def read_lines(path, strict=True):
+    """Yield (line number, text) of a UTF-8 text file; a BOM and CRLF line ends are
+    accepted. A line that is not UTF-8 is a UserError 'file:line: not UTF-8 (byte 0x.. at
+    column N)' when strict; otherwise it is listed in the returned list `bad` and yielded
+    as (line number, None), so that callers keep their line numbers."""
     bad = []
 
-    def records():
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
+    def lines():
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                    raw = raw[len(codecs.BOM_UTF8):]
                 try:
-                    yield lineno, json.loads(line)
-                except json.JSONDecodeError as e:
+                    yield lineno, raw.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    column = len(raw[:e.start].decode("utf-8")) + 1
+                    problem = f"{path}:{lineno}: not UTF-8 (byte 0x{raw[e.start]:02x} at column {column})"
                     if strict:
-                        raise UserError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-                    bad.append(f"{path}:{lineno}: bad JSON ({e.msg})")
+                        raise UserError(problem) from None
+                    bad.append(problem)
+                    yield lineno, None
+    return lines(), bad
+
+
+def read_jsonl(path, strict=True):
+    """Yield (line number, record) from a JSONL file, in file order; a line that is not
+    UTF-8 or not JSON is a UserError naming file:line when strict, else it is skipped and
+    listed in the returned list `bad`."""
+    lines, bad = read_lines(path, strict)
+
+    def records():
+        for lineno, line in lines:
+            if line is None or not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as e:
+                if strict:
+                    raise UserError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
+                bad.append(f"{path}:{lineno}: bad JSON ({e.msg})")
     return records(), bad
 
 

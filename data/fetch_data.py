@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
-from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
+from data_utils import UserError, atomic_write, read_jsonl, read_lines, run_cli, write_json  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -202,7 +202,9 @@ def fetch_local(args):
                     bad.append(f"{path}:{lineno}")
             bad += bad_lines
         else:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            lines, bad_bytes = read_lines(path, strict=args.strict)
+            text = "\n".join(t for _, t in lines if t is not None)  # a line that is not UTF-8: reported, skipped
+            bad += bad_bytes
             parts = text.split(args.txt_sep) if args.txt_sep else [text]
             docs += [{"text": p.strip("\n"), "source": path.name} for p in parts if p.strip()]
     if bad:

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
+from data_utils import UserError, atomic_write, read_jsonl, read_lines, run_cli, write_json  # noqa: E402
 from tokenizer import GPT2, VOCAB_SHA256, load_vocab_file, render_conversation  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
@@ -179,19 +179,44 @@ def read_records(path, fmt, strict):
         bad.append(f"{path}:{where}: {err}")
 
     if fmt == "text" or (fmt == "auto" and path.suffix == ".txt"):
-        for lineno, item in parse_text_blocks(path.read_text(encoding="utf-8")):
-            report(lineno, item) if isinstance(item, Exception) else convs.append(item)
+        # every problem, bad bytes and bad blocks alike, in file order: --strict stops at the first
+        lines, bad_bytes = read_lines(path, strict=False)
+        lines = [t for _, t in lines]
+        problems = list(zip([n for n, t in enumerate(lines, 1) if t is None], bad_bytes))
+
+        def has_bad_line(start):  # the block from line start to the next blank line
+            for t in lines[start - 1:]:
+                if t is None:
+                    return True
+                if not t.strip():
+                    return False
+            return False
+
+        # a block with a line that is not UTF-8 is dropped whole, reported once for its bytes
+        for lineno, item in parse_text_blocks("\n".join("?" if t is None else t for t in lines)):
+            if has_bad_line(lineno):
+                continue
+            if isinstance(item, Exception):
+                problems.append((lineno, f"{path}:{lineno}: {item}"))
+            else:
+                convs.append(item)
+        for _, problem in sorted(problems):
+            if strict:
+                raise UserError(problem)
+            bad.append(problem)
         return convs, bad
     if path.suffix == ".json":  # a JSON list of records
         try:
-            records = json.loads(path.read_text(encoding="utf-8"))
+            records = json.loads(path.read_text(encoding="utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
         numbered = [(f"record {i + 1}", r) for i, r in enumerate(records if isinstance(records, list) else [records])]
     else:
-        lines, bad_json = read_jsonl(path, strict=strict)
-        numbered = list(lines)
-        bad += bad_json
+        # lazily, and into read_jsonl's own list of problems: --strict meets a bad line and a
+        # bad record in file order, and the skipped ones are listed in file order too
+        numbered, bad = read_jsonl(path, strict=strict)
     for where, r in numbered:
         try:
             convs.append(to_conversation(r, fmt))

@@ -176,3 +176,41 @@ def test_poem_questions_handle_short_poems():
         assert convs[0]["messages"][1]["content"] == "\n".join(lines)
     nexts = [c for c in convs if "下一句" in c["messages"][0]["content"]]
     assert len(nexts) == 3 and all(c["messages"][1]["content"].count("”的下一句是“") == 1 for c in nexts)
+
+
+def test_strict_stops_at_the_first_bad_record_in_file_order(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"question": "一", "answer": "二"}\n{"question": "没有答案"}\nnot json\n', encoding="utf-8")
+    proc = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--strict", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {f}:2: ")
+    t = tmp_path / "d.txt"
+    t.write_bytes("问:一\n答:二\n\n没有标记\n\n问:三\n答:\xff四\n".encode("utf-8").replace("\xff".encode("utf-8"), b"\xff"))
+    proc = run_script("data/prepare_sft.py", "--input", t, "--out_dir", tmp_path / "o", "--strict", check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {t}:4: ")
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
+def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path, suffix):
+    rows = ['{"question": "一", "answer": "二"}', '{"question": "坏", "answer": "X"}', '{"question": "三", "answer": "四"}'] \
+        if suffix == ".jsonl" else ["问:一\n答:二", "问:坏\n答:X", "问:三\n答:四"]
+    data = ("\r\n\r\n" if suffix == ".txt" else "\r\n").join(rows).encode("utf-8").replace(b"X", b"\xe4\xb8")
+    f = tmp_path / f"d{suffix}"
+    f.write_bytes(b"\xef\xbb\xbf" + data + b"\r\n")  # a BOM and CRLF line ends are fine
+    line = 2 if suffix == ".jsonl" else 5
+    column = len('{"question": "坏", "answer": "') + 1 if suffix == ".jsonl" else 3
+    proc = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--val_fraction", "0.5")
+    assert "Traceback" not in proc.stderr and "skipped 1 malformed record(s)" in proc.stdout
+    assert f"{f}:{line}: not UTF-8 (byte 0xe4 at column {column})" in proc.stdout
+    meta = json.loads((tmp_path / "o" / "meta.json").read_text())
+    assert meta["train_samples"] + meta["val_samples"] == 2
+    strict = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--strict", check=False)
+    assert strict.returncode == 1 and strict.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    # fetch_data's local documents behave the same (.txt as is; .jsonl as {"text": ...} lines)
+    if suffix == ".jsonl":
+        f = tmp_path / "docs.jsonl"
+        f.write_bytes(b'{"text": "one"}\n{"text": "t\xe4\xb8"}\n')
+        line, column = 2, len('{"text": "t') + 1
+    local = run_script("data/fetch_data.py", "local", "--input", f, "--out_dir", tmp_path / "l", "--strict", check=False)
+    assert local.returncode == 1 and local.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    loose = run_script("data/fetch_data.py", "local", "--input", f, "--out_dir", tmp_path / "l")
+    assert "skipped 1 malformed record(s)" in loose.stdout and "not UTF-8" in loose.stdout
