@@ -21,6 +21,7 @@ Input formats, detected per record (or forced with --format):
   sharegpt  {"conversations": [{"from", "value"}], "system"?: ..., "tools"?: ...}
 """
 import argparse
+import codecs
 import json
 import random
 import re
@@ -330,23 +331,30 @@ def to_rows(samples, block_size, pack, pad_id):
 
 
 def show_samples(tok, ids, mask, n):
-    """Each token's text, id and training target (-100 where the loss is masked)."""
+    """Each sample as text with its trained spans in ⟦…⟧, then each token: its id, the
+    text it completes (a Chinese character often takes 2-3 byte tokens: the last one shows
+    the character, the others '·'), and its training target (-100 where masked)."""
     for r in range(min(n, len(ids))):
         used = int(np.nonzero(ids[r] != tok.eot)[0].max()) + 2 if (ids[r] != tok.eot).any() else 1
-        print(f"--- sample {r}: {tok.decode(ids[r, :used - 1])!r}")
-        print("   pos |    id | token            | target (the next id, or -100 where masked)")
-        for t in range(min(used, len(ids[r]) - 1)):
+        used = min(used, len(ids[r]))
+        print(f"--- sample {r}: {marked_text(tok, ids[r, :used], mask[r, :used])}")
+        print("   pos |    id | text       | target (the next id, or -100 where masked)")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for t in range(used - 1):
+            piece = decoder.decode(tok.decode_bytes([int(ids[r, t])]))
             target = int(ids[r, t + 1]) if mask[r, t + 1] else -100
-            print(f"{t:6d} | {int(ids[r, t]):5d} | {token_text(tok, ids[r, t]):16} | {target}")
+            print(f"{t:6d} | {int(ids[r, t]):5d} | {repr(piece) if piece else '·':10} | {target}")
 
 
-def token_text(tok, token_id):
-    """A token's text, or its bytes where it holds part of a multi-byte character."""
-    raw = tok.decode_bytes([int(token_id)])
-    try:
-        return repr(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        return str(raw)
+def marked_text(tok, ids, mask):
+    """The sample's text with each run of trained tokens (mask 1) in ⟦…⟧."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or mask[i] != mask[start]:
+            text = tok.decode(ids[start:i])
+            out.append(f"⟦{text}⟧" if mask[start] else text)
+            start = i
+    return "".join(out)
 
 
 def vocabulary(source):

@@ -123,6 +123,11 @@ def test_show_prints_each_token_and_its_target(tmp_path, fortunes_docs):
     targets = [line.rsplit("|", 1)[1].strip() for line in table if line.count("|") == 3]
     assert "-100" in targets and "50256" in targets  # masked question, trained end token
     assert targets.index("50256") > targets.index("-100")
+    # readable for Chinese: the text with its trained span marked, whole characters in the table
+    sample = out[out.index("--- sample 0"):].splitlines()
+    assert sample[0].startswith("--- sample 0: 问:") and "\n答:⟦" in out and out.count("<|endoftext|>⟧") >= 1
+    texts = [line.split("|")[2].strip() for line in table if line.count("|") == 3]
+    assert "'问'" in texts and "·" in texts and "b'\\x" not in out
 
 
 def test_default_set_splits_by_poem(sft_dir):
