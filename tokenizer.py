@@ -47,8 +47,8 @@ def _gpt2_token_bytes():
 
 def byte_token_ids():
     """The GPT-2 ids of the 256 single-byte tokens, indexed by byte value."""
-    ranks = get_tokenizer()._mergeable_ranks
-    return [ranks[bytes([b])] for b in range(256)]
+    enc = get_tokenizer()
+    return [enc.encode_single_token(bytes([b])) for b in range(256)]
 
 
 def pad64(n):
