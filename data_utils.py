@@ -139,10 +139,12 @@ class PretrainData(Batches):
             if self.num_tokens(split) <= block_size + 1:
                 raise UserError(f"{self.data_dir / f'{split}.bin'} holds {self.num_tokens(split)} tokens, "
                                 f"too few for block_size {block_size}")
+        vocab_file = self.data_dir / "vocab.json"
+        vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file.exists() else {}
+        self.chars = vocab.get("chars")  # the corpus's characters (prepare.py), for the decoding constraint
         if tok.trimmed:
-            vocab_file = self.data_dir / "vocab.json"
             require_file(vocab_file, "re-run data/prepare.py (it writes the corpus's vocabulary)")
-            used = json.loads(vocab_file.read_text(encoding="utf-8"))["gpt2_ids"]
+            used = vocab["gpt2_ids"]
             missing = int((tok.to_model[np.asarray(used, dtype=np.int64)] < 0).sum()) if used is not None else -1
             if missing:
                 raise UserError(f"{self.data_dir} uses {'GPT-2 tokens' if missing < 0 else f'{missing} GPT-2 tokens'} "
@@ -198,6 +200,7 @@ class SFTData(Batches):
             raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model's "
                             f"block_size is {block_size}: re-run prepare_sft.py --block_size={block_size + 1} or less")
         self.meta, self.row_len, self.packed = meta, meta["block_size"], meta.get("packed", False)
+        self.chars = meta.get("chars")  # the characters of the SFT text (prepare_sft.py)
         for split in ("train", "val"):
             require_file(self.data_dir / f"sft_{split}.bin", "run data/prepare_sft.py first")
 

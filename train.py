@@ -201,7 +201,7 @@ def main(argv=None):
         tok, chars = GPT2, ""
         if c["vocab"] == "trimmed":
             require_file(Path(c["data_dir"]) / "vocab.json", "vocab='trimmed' needs it: run data/prepare.py")
-            tok, chars = load_vocab_file(Path(c["data_dir"]) / "vocab.json")
+            tok, _ = load_vocab_file(Path(c["data_dir"]) / "vocab.json")
         model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                           dropout=c["dropout"], bias=c["bias"], vocab_size=tok.vocab_size)
         model = GPT(GPTConfig(**model_args))
@@ -221,10 +221,7 @@ def main(argv=None):
     data = open_data(c["data_dir"], model_args["block_size"], tok)
     kind = "sft" if isinstance(data, SFTData) else "pretrain"
     # the characters the model has seen in training: by default generation writes no other
-    data_chars = data.meta.get("chars") if kind == "sft" else None
-    if kind == "pretrain" and (Path(c["data_dir"]) / "vocab.json").exists():
-        data_chars = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[1]
-    chars = "".join(sorted(set(chars) | set(data_chars or "")))
+    chars = "".join(sorted(set(chars) | set(data.chars or "")))
     block = data.row_len - 1 if kind == "sft" else model_args["block_size"]
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
