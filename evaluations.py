@@ -1,8 +1,9 @@
 """
 Evaluate a checkpoint: pretraining val loss, perplexity and bits per character, SFT
 answer-token loss, and on the held-out SFT questions, generated answers scored against
-the references at the character level (exact match, F1, ROUGE-L, BLEU-4, per question
-type too) plus distinct-1/2 and the number of answers holding U+FFFD. Prints a table,
+the references: character-level exact match, F1 and ROUGE-L (per question type too),
+BLEU and chrF by sacrebleu (tokenize='zh', 0-100, comparable with published figures),
+plus distinct-1/2 and the number of answers holding U+FFFD. Prints a table,
 writes JSON and a run report (report.md with the loss plots) for coursework.
 
   python evaluations.py --out_dir=out/tiny-sft
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
 import visualize
@@ -69,23 +71,15 @@ def _ngrams(chars, n):
     return Counter(tuple(chars[i:i + n]) for i in range(len(chars) - n + 1))
 
 
-def corpus_bleu(preds, refs, max_n=4):
-    """Corpus BLEU-4 on characters (Papineni et al.): clipped n-gram precisions summed over
-    the corpus, their geometric mean, times the brevity penalty. 0 if any precision is 0."""
-    matched, total = [0] * max_n, [0] * max_n
-    pred_len = ref_len = 0
-    for pred, ref in zip(preds, refs):
-        p, r = _chars(pred), _chars(ref)
-        pred_len, ref_len = pred_len + len(p), ref_len + len(r)
-        for n in range(1, max_n + 1):
-            pn, rn = _ngrams(p, n), _ngrams(r, n)
-            matched[n - 1] += sum((pn & rn).values())
-            total[n - 1] += max(len(p) - n + 1, 0)
-    if min(matched) == 0 or pred_len == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matched, total)) / max_n
-    brevity = 1.0 if pred_len > ref_len else math.exp(1 - ref_len / pred_len)
-    return brevity * math.exp(log_precision)
+def corpus_bleu(preds, refs):
+    """Corpus BLEU-4 by sacrebleu with tokenize='zh' (each Chinese character a token, the
+    standard for Chinese), on its 0-100 scale, so the figure compares with published ones."""
+    return BLEU(tokenize="zh").corpus_score(list(preds), [list(refs)]).score
+
+
+def corpus_chrf(preds, refs):
+    """Corpus chrF (character n-gram F-score) by sacrebleu, 0-100."""
+    return CHRF().corpus_score(list(preds), [list(refs)]).score
 
 
 def distinct_n(texts, n):
@@ -185,7 +179,8 @@ def evaluate(path, args, device, questions):
             exact_match=float(np.mean([exact_match(p, r) for p, r in zip(preds, refs)])),
             char_f1=float(np.mean([char_f1(p, r) for p, r in zip(preds, refs)])),
             rouge_l=float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)])),
-            bleu4=corpus_bleu(preds, refs), distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
+            bleu=corpus_bleu(preds, refs), chrf=corpus_chrf(preds, refs),
+            distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
             answers_with_fffd=sum("\ufffd" in p for p in preds))
         kinds = [question_type(q) for q, _ in questions]
         result["by_type"] = {k: {"questions": kinds.count(k),
@@ -196,7 +191,7 @@ def evaluate(path, args, device, questions):
 
 
 METRICS = ["kind", "iter", "params_M", "vocab_size", "pretrain_val_loss", "pretrain_val_ppl", "pretrain_val_bpc",
-           "sft_answer_loss", "exact_match", "char_f1", "rouge_l", "bleu4", "distinct_1", "distinct_2",
+           "sft_answer_loss", "exact_match", "char_f1", "rouge_l", "bleu", "chrf", "distinct_1", "distinct_2",
            "answers_with_fffd"]
 
 

@@ -11,7 +11,7 @@ import torch
 
 from checkpoint import load_model
 from conftest import ROOT, run_script
-from evaluations import char_f1, corpus_bleu, distinct_n, exact_match, rouge_l
+from evaluations import char_f1, corpus_bleu, corpus_chrf, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
 from sample import answer, chat_prompt, model_constraint, stream_text
 from sample_gradio import dialogue, message_text
@@ -23,9 +23,12 @@ def test_metrics_match_hand_computed_values():
     assert math.isclose(char_f1("李白写的", "李白"), 2 * 0.5 * 1.0 / 1.5)
     assert char_f1("杜甫", "李白") == 0.0
     assert math.isclose(rouge_l("床前明月光", "床前看月光"), 0.8)  # LCS 床前月光 = 4 of 5 and 5
-    assert math.isclose(corpus_bleu(["ABCDE"], ["ABCDF"]), (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
-    assert math.isclose(corpus_bleu(["ABCD"], ["ABCDEFGH"]), math.exp(1 - 8 / 4))  # brevity penalty only
-    assert corpus_bleu(["床前明月光"], ["床前明月光"]) == 1.0 and corpus_bleu(["AB"], ["CD"]) == 0.0
+    # sacrebleu, tokenize='zh': every Chinese character is a token, spaces do not matter, 0-100
+    assert math.isclose(corpus_bleu(["床前明月光"], ["床前明月霜"]), 100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
+    assert math.isclose(corpus_bleu(["床前明月"], ["床前明月光疑是地上"]), 100 * math.exp(1 - 9 / 4))  # brevity only
+    assert math.isclose(corpus_bleu(["床前明月光"], ["床前 明月光"]), 100) and corpus_bleu(["李白"], ["杜甫"]) == 0.0
+    assert corpus_chrf(["床前明月光"], ["床前明月光"]) == 100.0 and corpus_chrf(["李白"], ["杜甫"]) == 0.0
+    assert 40 < corpus_chrf(["床前明月光"], ["床前明月霜"]) < 70
     assert math.isclose(distinct_n(["AAB"], 1), 2 / 3) and distinct_n(["AAB"], 2) == 1.0
 
 
@@ -85,7 +88,8 @@ def test_evaluations_end_to_end(tiny_runs, pretrain_dir, tiny_sft_data, tmp_path
     assert a["kind"] == "sft" and b["kind"] == "pretrain" and len(a["answers"]) == 3
     assert a["sft_answer_loss"] < b["sft_answer_loss"]  # fine-tuning lowered the answer loss
     assert math.isclose(a["pretrain_val_ppl"], math.exp(a["pretrain_val_loss"]))
-    assert all(0 <= a[k] <= 1 for k in ("exact_match", "char_f1", "rouge_l", "bleu4", "distinct_1", "distinct_2"))
+    assert all(0 <= a[k] <= 1 for k in ("exact_match", "char_f1", "rouge_l", "distinct_1", "distinct_2"))
+    assert all(0 <= a[k] <= 100 for k in ("bleu", "chrf"))
 
 
 def test_plots_written_from_real_logs(tiny_runs, tmp_path):
