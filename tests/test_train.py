@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 
@@ -58,6 +59,36 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir):
         assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
     w1 = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
     w2 = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_node_torchrun_matches_single_process(tmp_path, pretrain_dir):
+    """Two torchrun launches, as on two machines (--nnodes=2, --node_rank 0 and 1), meeting
+    at 127.0.0.1 over gloo: the same losses and weights as one process."""
+    args = [*TINY, f"--data_dir={pretrain_dir}", "--max_iters=4", "--eval_interval=4",
+            "--gradient_accumulation_steps=4", "--block_size=64"]
+    train.main([*args, f"--out_dir={tmp_path / 'single'}"])
+    env, port = dict(os.environ, OMP_NUM_THREADS="1"), free_port()
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--master_addr=127.0.0.1", f"--master_port={port}",
+                               "train.py", *args, f"--out_dir={tmp_path / 'multi'}"],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for rank in (0, 1)]
+    outputs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "device cpu x2" in outputs[0][0]
+    single, multi = read_log(tmp_path / "single", "train"), read_log(tmp_path / "multi", "train")
+    assert len(multi) == 4
+    for a, b in zip(single, multi):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    w1 = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
+    w2 = load_checkpoint(tmp_path / "multi" / "ckpt.pt")["model"]
     assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
