@@ -26,6 +26,7 @@ import json
 import random
 import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ class BadRecord(ValueError):
 
 # ------------------------------------------------------------------ records → conversations
 def _message(role, content, loss=None, tool=None):
-    if role not in ROLE_ALIASES:
+    if not isinstance(role, str) or role not in ROLE_ALIASES:
         raise BadRecord(f"unknown role {role!r}")
     if not isinstance(content, str):
         raise BadRecord(f"{role} content is not a string")
@@ -61,25 +62,57 @@ def _message(role, content, loss=None, tool=None):
     return m
 
 
-def _turns(items, role_key, content_key):
+# the keys a message may carry besides its role and content, by role; any other key is
+# reported (counted once per key), never dropped in silence
+EXTRA_KEYS = {"system": {"tools"}, "assistant": {"metadata", "tool_calls", "function_call"},
+              "tool": {"name", "parameters", "observation"}}
+
+
+def _turns(items, role_key, content_key, ignored=None):
+    """Messages of a turn list, plus the tools found on a system message (GLM-4)."""
     if not isinstance(items, list) or not items:
         raise BadRecord("conversation is empty or not a list")
-    messages = []
+    messages, tools = [], []
     for t in items:
-        if not isinstance(t, dict) or role_key not in t or content_key not in t:
+        if not isinstance(t, dict) or role_key not in t:
             raise BadRecord(f"each turn needs {role_key!r} and {content_key!r}")
-        role, content, tool = t[role_key], t[content_key], t.get("metadata") or None
-        if role == "function_call" or t.get("tool_calls"):  # ShareGPT / OpenAI-style tool call
-            calls = t.get("tool_calls") or [content]
-            call = calls[0] if isinstance(calls[0], dict) else _json_or(calls[0])
-            fn = call.get("function", call) if isinstance(call, dict) else {}
-            tool = fn.get("name") or "tool"
-            if not content:
-                args = fn.get("arguments", "")
-                content = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
-            role = "assistant"
-        messages.append(_message(role, content, t.get("loss"), tool))
-    return messages
+        role = t[role_key]
+        if role == "tool" and ("parameters" in t or "observation" in t):
+            messages += _chatglm3_tool_turn(t)
+        elif content_key not in t:
+            raise BadRecord(f"each turn needs {role_key!r} and {content_key!r}")
+        else:
+            content, tool = t[content_key], t.get("metadata") or None
+            if role == "function_call" or t.get("tool_calls"):  # ShareGPT / OpenAI-style tool call
+                calls = t.get("tool_calls") or [content]
+                call = calls[0] if isinstance(calls[0], dict) else _json_or(calls[0])
+                fn = call.get("function", call) if isinstance(call, dict) else {}
+                tool = fn.get("name") or "tool"
+                if not content:
+                    args = fn.get("arguments", "")
+                    content = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+                role = "assistant"
+            messages.append(_message(role, content, t.get("loss"), tool))
+        if messages[-1]["role"] == "system" and t.get("tools"):  # GLM-4: the tools ride on the system message
+            if not isinstance(t["tools"], list):
+                raise BadRecord("a system message's 'tools' must be a list")
+            tools += t["tools"]
+        if ignored is not None:
+            used = {role_key, content_key, "loss"} | EXTRA_KEYS.get(role, set()) | EXTRA_KEYS.get(ROLE_ALIASES[role], set())
+            ignored.update(k for k in t if k not in used)
+    return messages, tools
+
+
+def _chatglm3_tool_turn(t):
+    """ChatGLM3's {"role": "tool", "name", "parameters", "observation"} is two messages: the
+    assistant's call (the tool's name as metadata, the parameters as content; trained) and
+    the tool's observation (masked). A "loss" flag on the turn applies to both halves."""
+    name = t.get("name")
+    if not isinstance(name, str) or not name:
+        raise BadRecord("a tool turn needs the tool's 'name'")
+    as_text = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
+    return [_message("assistant", as_text(t.get("parameters", {})), t.get("loss"), name),
+            _message("observation", as_text(t.get("observation", "")), t.get("loss"))]
 
 
 def _json_or(text):
@@ -102,8 +135,9 @@ def detect_format(r):
     raise BadRecord("unknown record format (expected question/answer, instruction/output, messages or conversations)")
 
 
-def to_conversation(r, fmt="auto"):
-    """Any supported record → {"messages": [...], "tools": ...} in the internal format."""
+def to_conversation(r, fmt="auto", ignored=None):
+    """Any supported record → {"messages": [...], "tools": ...} in the internal format.
+    ignored: a Counter that gets the message keys the parser did not use."""
     if not isinstance(r, dict):
         raise BadRecord("record is not a JSON object")
     fmt = detect_format(r) if fmt == "auto" else fmt
@@ -118,12 +152,11 @@ def to_conversation(r, fmt="auto"):
         prompt = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
         messages = ([_message("system", r["system"])] if r.get("system") else []) + [
             _message("user", prompt), _message("assistant", r["output"])]
-    elif fmt == "chatglm3":
-        messages = _turns(r.get("conversations"), "role", "content")
-    elif fmt == "glm4":
-        messages = _turns(r.get("messages"), "role", "content")
+    elif fmt in ("chatglm3", "glm4"):
+        messages, system_tools = _turns(r.get("conversations" if fmt == "chatglm3" else "messages"), "role", "content", ignored)
+        tools = (tools or []) + system_tools or None
     elif fmt == "sharegpt":
-        messages = _turns(r.get("conversations"), "from", "value")
+        messages, _ = _turns(r.get("conversations"), "from", "value", ignored)
         if r.get("system"):
             messages.insert(0, _message("system", r["system"]))
         if isinstance(tools, str):
@@ -135,6 +168,12 @@ def to_conversation(r, fmt="auto"):
             raise BadRecord("empty answer")
     if not any(m["role"] == "assistant" for m in messages):
         raise BadRecord("no assistant turn to learn from")
+    # ChatGLM3's rule: at most one system message, and it comes before the first user turn
+    systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
+    if len(systems) > 1:
+        raise BadRecord(f"{len(systems)} system messages (at most one, before the first user turn)")
+    if systems and any(m["role"] == "user" for m in messages[:systems[0]]):
+        raise BadRecord("the system message comes after a user turn (it must come before the first one)")
     return {"messages": messages, "tools": tools}
 
 
@@ -167,8 +206,9 @@ def parse_text_blocks(text):
     return out
 
 
-def read_records(path, fmt, strict):
-    """(conversations, bad) of one input file; bad lists 'file:line: problem'."""
+def read_records(path, fmt, strict, ignored=None):
+    """(conversations, bad) of one input file; bad lists 'file:line: problem'. ignored (a
+    dict) gets, per message key the parser did not use, [messages with it, first place]."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path} not found")
@@ -219,10 +259,15 @@ def read_records(path, fmt, strict):
         # bad record in file order, and the skipped ones are listed in file order too
         numbered, bad = read_jsonl(path, strict=strict)
     for where, r in numbered:
+        unused = Counter()
         try:
-            convs.append(to_conversation(r, fmt))
+            convs.append(to_conversation(r, fmt, unused))
         except BadRecord as e:
             report(where, e)
+            continue
+        for key, n in unused.items():
+            if ignored is not None:
+                ignored.setdefault(key, [0, f"{path}:{where}"])[0] += n
     return convs, bad
 
 
@@ -388,15 +433,17 @@ def main():
     if not 2 <= args.block_size <= 65536:
         raise UserError(f"--block_size must be between 2 and 65536, got {args.block_size}")
 
-    bad = []
+    bad, ignored = [], {}
     if args.input:
         groups = []
         for path in args.input:
-            convs, bad_here = read_records(path, args.format, args.strict)
+            convs, bad_here = read_records(path, args.format, args.strict, ignored)
             groups += [[c] for c in convs]
             bad += bad_here
         if bad:
             print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}")
+        for key, (n, first) in sorted(ignored.items()):
+            print(f"ignored message key {key!r} in {n:,} message(s), first at {first}")
     else:
         groups = default_groups(args.poems, args.seed, args.max_poems)
 
@@ -414,7 +461,8 @@ def main():
     out_dir = Path(args.out_dir)
     text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])
     meta = {"block_size": args.block_size, "packed": args.pack, "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256,
-            "vocab": tok.name, "malformed_records": len(bad), "seed": args.seed, "source": args.input or args.poems,
+            "vocab": tok.name, "malformed_records": len(bad),
+            "ignored_message_keys": {k: n for k, (n, _) in sorted(ignored.items())}, "seed": args.seed, "source": args.input or args.poems,
             "chars": "".join(sorted(set(text)))}
     for split, samples in splits.items():
         ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack, tok.eot)

@@ -70,6 +70,57 @@ def test_sharegpt_system_and_tool_roles():
     assert conv["messages"][2]["tool"] == "f" and conv["tools"] == [{"name": "f"}]
 
 
+def glm_render(record):
+    conv = prepare_sft.to_conversation(record)
+    ids, mask = render_conversation(GPT2, conv["messages"], conv["tools"])
+    return decode(ids), spans(ids, mask)
+
+
+def test_chatglm3_tool_turn_is_a_trained_call_and_a_masked_observation():
+    turns = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "北京天气?"},
+             {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 25}},
+             {"role": "assistant", "content": "25度"}]
+    text, trained = glm_render({"tools": [{"name": "get_weather"}], "conversations": turns})
+    assert text == ('系统:你是助手\n工具:[{"name": "get_weather"}]\n问:北京天气?\n'
+                    '答:调用:get_weather\n{"city": "北京"}<|endoftext|>结果:{"temp": 25}\n答:25度<|endoftext|>')
+    assert trained == ['调用:get_weather\n{"city": "北京"}<|endoftext|>', "25度<|endoftext|>"]
+    # the turn's loss flag holds for both halves: the call and the observation
+    _, trained = glm_render({"conversations": turns[:2] + [dict(turns[2], loss=False)] + turns[3:]})
+    assert trained == ["25度<|endoftext|>"]
+    _, trained = glm_render({"conversations": turns[:2] + [dict(turns[2], loss=True)] + turns[3:]})
+    assert trained == ['调用:get_weather\n{"city": "北京"}<|endoftext|>', '{"temp": 25}', "25度<|endoftext|>"]
+    with pytest.raises(prepare_sft.BadRecord, match="tool turn needs the tool's 'name'"):
+        prepare_sft.to_conversation({"conversations": [turns[1], {"role": "tool", "parameters": {}}, turns[3]]})
+
+
+@pytest.mark.parametrize("turns, problem", [
+    ([{"role": "system", "content": "A"}, {"role": "system", "content": "B"}], "2 system messages"),
+    ([{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}, {"role": "system", "content": "S"}],
+     "system message comes after a user turn"),
+])
+def test_one_system_message_before_the_first_user_turn(turns, problem):
+    record = {"conversations": turns + [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
+    with pytest.raises(prepare_sft.BadRecord, match=problem):
+        prepare_sft.to_conversation(record)
+
+
+def test_glm4_system_tools_render_like_top_level_tools_and_unused_keys_are_reported(tmp_path):
+    tools = [{"name": "get_weather", "parameters": {"city": "string"}}]
+    qa = [{"role": "user", "content": "北京天气?"}, {"role": "assistant", "content": "晴"}]
+    on_system = {"messages": [{"role": "system", "content": "你是助手", "tools": tools}] + qa}
+    top_level = {"messages": [{"role": "system", "content": "你是助手"}] + qa, "tools": tools}
+    assert glm_render(on_system) == glm_render(top_level) and "get_weather" in glm_render(on_system)[0]
+    f = tmp_path / "glm4.jsonl"
+    odd = {"messages": [{"role": "user", "content": "q", "lang": "zh"}, {"role": "assistant", "content": "a", "lang": "zh",
+                                                                        "score": 5}]}
+    f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [on_system, odd, odd]) + "\n", encoding="utf-8")
+    out = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o").stdout
+    assert f"ignored message key 'lang' in 4 message(s), first at {f}:2" in out
+    assert f"ignored message key 'score' in 2 message(s), first at {f}:2" in out
+    assert "'tools'" not in out
+    assert json.loads((tmp_path / "o" / "meta.json").read_text())["ignored_message_keys"] == {"lang": 4, "score": 2}
+
+
 def test_malformed_records_report_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
     f.write_text("\n".join([
