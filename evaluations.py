@@ -24,7 +24,7 @@ from tqdm import tqdm
 import visualize
 from checkpoint import find_checkpoint, load_model
 from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
-from sample import answer_batch, model_constraint
+from sample import answer_batch, model_constraint, model_template
 from tokenizer import CONSTRAINTS, EOT, GPT2
 
 
@@ -162,6 +162,7 @@ def evaluate(path, args, device, questions):
     model, tok, ckpt = load_model(path, device)
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
               "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
+              "template": model_template(ckpt),
               "model_args": ckpt["model_args"], "config": ckpt.get("config") or {}}
     loss, bpc = pretrain_loss(model, tok, args.pretrain_data, args.batch_size, args.max_batches, device)
     result["pretrain_val_loss"] = loss
@@ -172,7 +173,8 @@ def evaluate(path, args, device, questions):
     preds = []  # greedy, gen_batch questions at a time: the same answers as one by one, faster
     for i in tqdm(range(0, len(questions), args.gen_batch), desc=f"answering ({Path(path).name})", leave=False):
         preds += answer_batch(model, tok, [q for q, _ in questions[i:i + args.gen_batch]], constraint=constraint,
-                              max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch)
+                              max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                              template=model_template(ckpt))
     refs = [a for _, a in questions]
     if questions:
         result.update(

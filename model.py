@@ -211,7 +211,8 @@ class GPT(nn.Module):
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         stop_token=None, use_cache=True, generator=None, constraint=None, pad=None):
         """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
-        Stops early once every row has produced stop_token. The KV cache path gives the
+        Stops early once every row has produced stop_token (an id, or several: any of them
+        ends a row; a finished row then repeats the first). The KV cache path gives the
         same tokens as recomputing the context; past block_size the context is cropped to
         the last block_size tokens, which a cache cannot reuse, so those steps recompute.
         constraint (tokenizer.TextConstraint, or one per row): each row may only take the
@@ -226,6 +227,9 @@ class GPT(nn.Module):
         if pad is not None and idx.size(1) + max_new_tokens > block:
             raise ValueError(f"batched generation needs prompt + new tokens within block_size {block}")
         done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
+        if stop_token is not None:
+            stops = torch.tensor([stop_token] if isinstance(stop_token, int) else list(stop_token), device=idx.device)
+            stop_token = int(stops[0])
         active = torch.arange(B, device=idx.device)  # batched (pad given): finished rows leave the batch
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
@@ -246,7 +250,7 @@ class GPT(nn.Module):
                 states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
             if stop_token is not None:
                 next_id = torch.where(done, torch.full_like(next_id, stop_token), next_id)
-                done |= next_id == stop_token
+                done |= torch.isin(next_id, stops)
             idx = torch.cat((idx, next_id[:, None]), dim=1)
             if active.numel() < B:  # every row is reported; finished ones repeat stop_token
                 yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(0, active, next_id)

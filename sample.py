@@ -33,12 +33,12 @@ def stream_text(model, tok, ids, max_new_tokens=256, temperature=0.8, top_k=None
     decoder = text_decoder(constraint)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     for token in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                       stop_token=tok.eot if stop_at_eot else None, use_cache=use_cache,
+                                       stop_token=tok.stop_ids if stop_at_eot else None, use_cache=use_cache,
                                        generator=generator, constraint=constraint):
         t = int(token[0])
-        if t == tok.eot and stop_at_eot:
+        if t in tok.stop_ids and stop_at_eot:
             break
-        piece = decoder.decode(tok.token_bytes[t] if t != tok.eot else b"<|endoftext|>")
+        piece = decoder.decode(tok.decode_bytes([t]))
         if piece:
             yield piece
     tail = text_tail(decoder, constraint)
@@ -63,13 +63,20 @@ def model_constraint(tok, ckpt, mode="chars"):
     return make_constraint(tok, mode, ckpt.get("chars"))
 
 
-def chat_prompt(tok, history, question, block_size, max_new_tokens):
-    """Prompt ids for the next answer, and the history actually kept: the oldest turns are
-    dropped (whole 问/答 pairs) until the prompt leaves room for max_new_tokens."""
+def model_template(ckpt):
+    """The chat template a model was fine-tuned with (recorded by train.py from the SFT
+    data's meta.json); 问/答 for pretrained models and older checkpoints."""
+    return ckpt.get("template") or "qa"
+
+
+def chat_prompt(tok, history, question, block_size, max_new_tokens, template="qa"):
+    """Prompt ids for the next answer in the model's chat template, and the history actually
+    kept: the oldest turns are dropped (whole question/answer pairs) until the prompt leaves
+    room for max_new_tokens."""
     history = list(history)
     budget = block_size - max_new_tokens
     while True:
-        ids = render_prompt(tok, history, question)
+        ids = render_prompt(tok, history, question, template)
         if len(ids) <= budget:
             return ids, history
         if not history:
@@ -78,17 +85,17 @@ def chat_prompt(tok, history, question, block_size, max_new_tokens):
         history = history[2:] if len(history) >= 2 else []
 
 
-def answer(model, tok, history, question, constraint=None, **kwargs):
+def answer(model, tok, history, question, constraint=None, template="qa", **kwargs):
     """Stream the model's answer to question, given earlier turns [{"role","content"},...].
     The constraint also allows the characters of the conversation."""
-    ids, kept = chat_prompt(tok, history, question, model.config.block_size, kwargs.get("max_new_tokens", 256))
+    ids, kept = chat_prompt(tok, history, question, model.config.block_size, kwargs.get("max_new_tokens", 256), template)
     if constraint is not None:
         constraint = constraint.with_chars(question + "".join(m["content"] for m in kept))
     yield from stream_text(model, tok, ids, stop_at_eot=True, constraint=constraint, **kwargs)
 
 
 def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, temperature=0, top_k=None, top_p=None,
-                 seed=None, batch_size=16):
+                 seed=None, batch_size=16, template="qa"):
     """Answers to many single-turn questions, batch_size at a time: the prompts are
     left-padded and each row stops on its own. Greedy answers equal answer()'s, token for
     token (tested); each row's constraint also allows its own question's characters."""
@@ -97,20 +104,20 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, temp
     out = []
     for i in range(0, len(questions), batch_size):
         chunk = questions[i:i + batch_size]
-        prompts = [chat_prompt(tok, [], q, model.config.block_size, max_new_tokens)[0] for q in chunk]
+        prompts = [chat_prompt(tok, [], q, model.config.block_size, max_new_tokens, template)[0] for q in chunk]
         width = max(map(len, prompts))
         idx = torch.tensor([[tok.eot] * (width - len(p)) + p for p in prompts], device=device)
         pad = torch.tensor([width - len(p) for p in prompts], device=device)
         rows = [constraint.with_chars(q) if constraint is not None else None for q in chunk]
         tokens = [[] for _ in chunk]
         for step in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          stop_token=tok.eot, generator=generator, pad=pad,
+                                          stop_token=tok.stop_ids, generator=generator, pad=pad,
                                           constraint=rows if constraint is not None else None):
             for r, t in enumerate(step.tolist()):
-                if not tokens[r] or tokens[r][-1] != tok.eot:
+                if not tokens[r] or tokens[r][-1] not in tok.stop_ids:
                     tokens[r].append(t)
         for r, ids in enumerate(tokens):
-            ids = ids[:-1] if ids and ids[-1] == tok.eot else ids
+            ids = ids[:-1] if ids and ids[-1] in tok.stop_ids else ids
             decoder = text_decoder(constraint)
             out.append(decoder.decode(tok.decode_bytes(ids)) + text_tail(decoder, constraint))
     return out
@@ -120,7 +127,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (uses best.pt) or a .pt file")
     p.add_argument("--start", help="prompt text, or FILE:path to read it from a file")
-    p.add_argument("--chat", action="store_true", help="问/答 template; without --start, an interactive chat")
+    p.add_argument("--chat", action="store_true", help="the model's chat template (问/答 or ChatML, from its "
+                                                     "checkpoint); without --start, an interactive chat")
     p.add_argument("--num_samples", type=int, default=1)
     p.add_argument("--max_new_tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
@@ -136,7 +144,7 @@ def main():
         raise UserError("--temperature must be >= 0 and --max_new_tokens >= 1")
 
     model, tok, ckpt = load_model(args.out_dir, pick_device(args.device))
-    constraint = model_constraint(tok, ckpt, args.constrain)
+    constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
     if args.chat and ckpt.get("kind") != "sft":
         print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "
               f"its answers will ramble (train SFT first: see README)", file=sys.stderr)
@@ -149,12 +157,12 @@ def main():
     gen = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
 
     if args.chat and start is None:
-        return interactive_chat(model, tok, constraint, gen, args.seed)
+        return interactive_chat(model, tok, constraint, template, gen, args.seed)
     for i in range(args.num_samples):
         seed = args.seed + i
         if args.chat:
             try:
-                pieces = answer(model, tok, [], start, constraint=constraint, seed=seed, **gen)
+                pieces = answer(model, tok, [], start, constraint=constraint, template=template, seed=seed, **gen)
                 print("答:", end="", flush=True)
                 for piece in pieces:
                     print(piece, end="", flush=True)
@@ -169,7 +177,7 @@ def main():
         print("\n" + "-" * 40 if i + 1 < args.num_samples else "")
 
 
-def interactive_chat(model, tok, constraint, gen, seed):
+def interactive_chat(model, tok, constraint, template, gen, seed):
     print("MiniGLM chat — type a question; /reset clears the history, /exit quits.")
     history = []
     while True:
@@ -187,13 +195,13 @@ def interactive_chat(model, tok, constraint, gen, seed):
         if not question:
             continue
         try:
-            _, history = chat_prompt(tok, history, question, model.config.block_size, gen["max_new_tokens"])
+            _, history = chat_prompt(tok, history, question, model.config.block_size, gen["max_new_tokens"], template)
         except ValueError as e:
             print(f"({e})")
             continue
         print("答: ", end="", flush=True)
         reply = ""
-        for piece in answer(model, tok, history, question, constraint=constraint, seed=seed, **gen):
+        for piece in answer(model, tok, history, question, constraint=constraint, template=template, seed=seed, **gen):
             reply += piece
             print(piece, end="", flush=True)
         print()

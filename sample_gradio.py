@@ -5,16 +5,21 @@ multi-turn history, sampling sliders, a checkpoint picker, held-out example ques
   python sample_gradio.py                          # http://127.0.0.1:7860, checkpoints under out/
   python sample_gradio.py --out_dir=out/tiny-sft --port 8000
   python sample_gradio.py --host 0.0.0.0 --share   # reachable from elsewhere: opt-in only
+
+Only the checkpoints found at start-up (or named with --out_dir) can be chosen, from the
+page or through the API; any other path gets a note and nothing is opened. At most
+--max_models models are kept loaded; the least recently used one is dropped.
 """
 import argparse
 import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import gradio as gr
 
 from checkpoint import load_model
 from data_utils import UserError, pick_device, read_jsonl, run_cli
-from sample import answer, chat_prompt, model_constraint
+from sample import answer, chat_prompt, model_constraint, model_template
 from tokenizer import CONSTRAINTS
 
 MAX_QUESTION_CHARS = 500
@@ -47,16 +52,29 @@ def example_questions(sft_data, n=6):
     return out
 
 
-class Models:
-    """Loaded checkpoints, kept by path; one lock so two sessions never load the same one twice."""
+class NotServed(Exception):
+    pass
 
-    def __init__(self, device):
-        self.device, self.cache, self.lock = device, {}, threading.Lock()
+
+class Models:
+    """The page's checkpoints: only those in `allowed` (the list the page offers) are ever
+    opened, and at most max_loaded stay in memory, the least recently used dropped first.
+    One lock, so two sessions never load the same one twice."""
+
+    def __init__(self, allowed, device, max_loaded=2, load=load_model):
+        self.allowed, self.device, self.max_loaded, self.load = set(allowed), device, max_loaded, load
+        self.cache, self.lock = OrderedDict(), threading.Lock()
 
     def get(self, path):
+        if not isinstance(path, str) or path not in self.allowed:  # decided before touching the file system
+            raise NotServed(f"{str(path)[:80]!r} is not one of this page's checkpoints; choose one from the list")
         with self.lock:
-            if path not in self.cache:
-                self.cache[path] = load_model(path, self.device)
+            if path in self.cache:
+                self.cache.move_to_end(path)
+            else:
+                self.cache[path] = self.load(path, self.device)
+                while len(self.cache) > self.max_loaded:
+                    self.cache.popitem(last=False)
             return self.cache[path]
 
 
@@ -79,8 +97,8 @@ def dialogue(history):
     return out
 
 
-def build_app(out_dirs, sft_data="data/sft", device="cpu"):
-    models = Models(device)
+def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2):
+    models = Models(out_dirs, device, max_models)
     choices = out_dirs
 
     def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars"):
@@ -101,6 +119,9 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
             return
         try:
             model, tok, meta = models.get(ckpt)
+        except NotServed as e:
+            yield note(str(e))
+            return
         except UserError as e:
             yield note(f"cannot load {ckpt}: {e}")
             return
@@ -111,13 +132,14 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
         gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
                    top_p=float(top_p))
         try:
-            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"])
+            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], model_template(meta))
         except ValueError as e:
             yield note(str(e))
             return
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         # whole characters only: the streamed pieces never hold half a character
-        for piece in answer(model, tok, past, question, constraint=model_constraint(tok, meta, constrain), **gen):
+        for piece in answer(model, tok, past, question, constraint=model_constraint(tok, meta, constrain),
+                            template=model_template(meta), **gen):
             history[-1]["content"] += piece
             yield history, ""
         if not history[-1]["content"]:
@@ -137,7 +159,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu"):
                 gr.Examples(example_questions(sft_data), inputs=question, label="held-out questions")
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(choices, value=choices[0] if choices else None, label="checkpoint",
-                                   allow_custom_value=True)
+                                   allow_custom_value=False)
                 temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
                 top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
                 top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
@@ -160,11 +182,14 @@ def main():
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--device", default="auto")
+    p.add_argument("--max_models", type=int, default=2, help="models kept in memory at once (least recently used dropped)")
     args = p.parse_args()
+    if args.max_models < 1:
+        raise UserError("--max_models must be at least 1")
     out_dirs = find_checkpoints(*(args.out_dir or ["out"]))
     if not out_dirs:
         raise UserError(f"no checkpoints under {', '.join(args.out_dir or ['out'])}: train a model first (see README)")
-    app = build_app(out_dirs, args.sft_data, pick_device(args.device))
+    app = build_app(out_dirs, args.sft_data, pick_device(args.device), args.max_models)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 

@@ -21,6 +21,9 @@ VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 EOT = 50256  # GPT-2's <|endoftext|>: ends every document and every answer
 PADDED_VOCAB_SIZE = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls
+# The ChatML template's markers: special tokens in the first padding slots after the
+# vocabulary (50257 and 50258 for full GPT-2). Text never encodes to them.
+SPECIALS = ("<|im_start|>", "<|im_end|>")
 
 
 @lru_cache(maxsize=None)
@@ -74,10 +77,14 @@ class Tokenizer:
             ids = np.union1d(ids, byte_token_ids() + [EOT])
         self.gpt2_ids = ids
         self.n_tokens = len(ids)
-        self.vocab_size = PADDED_VOCAB_SIZE if not self.trimmed else pad64(self.n_tokens)
+        self.vocab_size = PADDED_VOCAB_SIZE if not self.trimmed else pad64(self.n_tokens + len(SPECIALS))
         self.to_model = np.full(EOT + 1, -1, dtype=np.int64)  # GPT-2 id -> model id (-1: not in it)
         self.to_model[ids] = np.arange(self.n_tokens)
         self.eot = int(self.to_model[EOT])
+        self.im_start, self.im_end = self.n_tokens, self.n_tokens + 1  # padding slots, never produced by encode()
+        self.stop_ids = (self.eot, self.im_end)  # generation ends at either (问/答 and ChatML answers)
+        self._special_text = {self.eot: b"<|endoftext|>", self.im_start: SPECIALS[0].encode(),
+                              self.im_end: SPECIALS[1].encode()}
         self._bytes_of_byte = np.array([self.to_model[g] for g in byte_token_ids()])
         all_bytes = _gpt2_token_bytes()
         self.token_bytes = [all_bytes[g] for g in ids.tolist()] + [b""] * (self.vocab_size - self.n_tokens)
@@ -115,7 +122,8 @@ class Tokenizer:
         return ids if not self.trimmed else self.from_gpt2(ids).tolist()
 
     def decode_bytes(self, ids) -> bytes:
-        return b"".join(self.token_bytes[int(i)] if int(i) != self.eot else b"<|endoftext|>" for i in ids)
+        """The text bytes of ids; the special tokens are written as their names."""
+        return b"".join(self._special_text.get(int(i)) or self.token_bytes[int(i)] for i in ids)
 
     def decode(self, ids) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -142,22 +150,38 @@ def load_vocab_file(path):
 
 
 # ----------------------------------------------------------------------------------
-# Chat template. A conversation is a list of messages {"role", "content", "loss"?}.
+# Chat templates. A conversation is a list of messages {"role", "content", "loss"?, "tool"?}.
+# "qa" (问/答, the default):
 #   system       系统:{content}[\n工具:{tools as JSON}]\n      masked
 #   user         问:{content}\n                               masked
 #   assistant    答:{content}<|endoftext|>                    content + end token trained
 #   tool call    答:调用:{name}\n{content}<|endoftext|>        (assistant with "tool") trained
 #   observation  结果:{content}\n                              masked
-# A message's "loss": true/false overrides its role's default; the role prefixes
-# (系统:/问:/答:/结果:) and separators are never trained. So a single turn is exactly
+# "chatml" (as Qwen uses it): <|im_start|>{role}\n{content}<|im_end|>\n, roles system,
+# user, assistant and tool (the observation); on an assistant turn the content and
+# <|im_end|> are trained. The markers are special tokens that user text never encodes to.
+# A message's "loss": true/false overrides its role's default; the role prefixes and
+# separators are never trained. So a single 问/答 turn is exactly
 # 问:{q}\n答:{a}<|endoftext|>, with loss only on {a}<|endoftext|>.
 ROLES = ("system", "user", "assistant", "observation")
+TEMPLATES = ("qa", "chatml")
 PREFIX = {"system": "系统:", "user": "问:", "assistant": "答:", "observation": "结果:"}
-TEMPLATE_PIECES = [*PREFIX.values(), "\n", "工具:", "调用:"]
+CHATML_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "observation": "tool"}
+TEMPLATE_PIECES = [*PREFIX.values(), "\n", "工具:", "调用:", *(f"{r}\n" for r in CHATML_ROLE.values())]
 
 
-def render_conversation(tok, messages, tools=None):
-    """Token ids (in tok's vocabulary) and the 0/1 loss mask (1 on trained tokens) of a whole session."""
+def check_template(template):
+    if template not in TEMPLATES:
+        raise ValueError(f"chat template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+    return template
+
+
+def message_segments(tok, messages, tools=None, template="qa"):
+    """Each message as a segment {"role", "head", "body", "tail", "tail_mask", "trained"}:
+    head = the role marker (never trained), body = the content ids (trained iff "trained"),
+    tail = the end marker with its own 0/1 mask. Truncation cuts bodies; joining the
+    segments gives render_conversation's ids and mask."""
+    check_template(template)
     messages = list(messages)
     if tools:
         tools_text = "工具:" + json.dumps(tools, ensure_ascii=False)
@@ -167,13 +191,7 @@ def render_conversation(tok, messages, tools=None):
             messages[0] = first
         else:
             messages.insert(0, {"role": "system", "content": tools_text})
-    ids, mask = [], []
-
-    def add(text, trained):
-        piece = tok.encode(text)
-        ids.extend(piece)
-        mask.extend([int(trained)] * len(piece))
-
+    segments = []
     for m in messages:
         role = m["role"]
         if role not in ROLES:
@@ -181,23 +199,43 @@ def render_conversation(tok, messages, tools=None):
         trained = m.get("loss")
         if trained is None:
             trained = role == "assistant"
-        add(PREFIX[role], False)
         content = m["content"]
         if role == "assistant" and m.get("tool"):
             content = f"调用:{m['tool']}\n{content}"
-        add(content, trained)
-        if role == "assistant":
-            ids.append(tok.eot)
-            mask.append(int(trained))
+        if template == "qa":
+            head = tok.encode(PREFIX[role])
+            tail, tail_mask = ([tok.eot], [int(trained)]) if role == "assistant" else (tok.encode("\n"), [0])
         else:
-            add("\n", False)
+            head = [tok.im_start] + tok.encode(CHATML_ROLE[role] + "\n")
+            tail = [tok.im_end] + tok.encode("\n")
+            tail_mask = [int(trained and role == "assistant"), 0]
+        segments.append({"role": role, "head": head, "body": tok.encode(content), "tail": tail,
+                         "tail_mask": tail_mask, "trained": bool(trained)})
+    return segments
+
+
+def join_segments(segments):
+    ids, mask = [], []
+    for s in segments:
+        ids += s["head"] + s["body"] + s["tail"]
+        mask += [0] * len(s["head"]) + [int(s["trained"])] * len(s["body"]) + s["tail_mask"]
     return ids, mask
 
 
-def render_prompt(tok, history, question):
-    """Ids that ask the model for the next answer: past turns, 问:{question}\\n答:"""
-    ids, _ = render_conversation(tok, list(history) + [{"role": "user", "content": question}])
-    return ids + tok.encode(PREFIX["assistant"])
+def render_conversation(tok, messages, tools=None, template="qa"):
+    """Token ids (in tok's vocabulary) and the 0/1 loss mask (1 on trained tokens) of a whole session."""
+    return join_segments(message_segments(tok, messages, tools, template))
+
+
+def assistant_head(tok, template="qa"):
+    """The ids that open an answer: 答: or <|im_start|>assistant\n."""
+    return message_segments(tok, [{"role": "assistant", "content": ""}], template=template)[0]["head"]
+
+
+def render_prompt(tok, history, question, template="qa"):
+    """Ids that ask the model for the next answer: past turns, the question, the answer's head."""
+    ids, _ = render_conversation(tok, list(history) + [{"role": "user", "content": question}], template=template)
+    return ids + assistant_head(tok, template)
 
 
 # ----------------------------------------------------------------------------------
@@ -231,8 +269,8 @@ def _decodes(b):
 
 class TextConstraint:
     """Which next tokens keep the generated bytes valid UTF-8 made of allowed characters.
-    chars None: any character (validity only). EOT is allowed only between characters, so
-    an answer never ends half-way through one."""
+    chars None: any character (validity only). The end tokens (<|endoftext|>, <|im_end|>)
+    are allowed only between characters, so an answer never ends half-way through one."""
 
     def __init__(self, tok, chars=None):
         self.tok = tok
@@ -251,7 +289,7 @@ class TextConstraint:
 
     def step(self, state, token):
         """The state after token, or None if the token is not allowed in state."""
-        if token == self.tok.eot:
+        if token in self.tok.stop_ids:
             return b"" if state == b"" else None
         piece = self.tok.token_bytes[token]
         if not piece:  # a padding slot: no text

@@ -223,6 +223,8 @@ def main(argv=None):
     # the characters the model has seen in training: by default generation writes no other
     chars = "".join(sorted(set(chars) | set(data.chars or "")))
     block = data.row_len - 1 if kind == "sft" else model_args["block_size"]
+    # the chat template the SFT rows were written in: sample, Gradio and evaluations use it
+    template = data.meta.get("template", "qa") if kind == "sft" else (ckpt or {}).get("template")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
     optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
     data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
@@ -287,7 +289,8 @@ def main(argv=None):
 
     def save(name, state):
         save_checkpoint(out_dir / name, dict(state, model=raw_model.state_dict(), model_args=model_args, config=c,
-                                             kind=kind, tokenizer_sha256=VOCAB_SHA256, vocab=tok.state(), chars=chars))
+                                             kind=kind, tokenizer_sha256=VOCAB_SHA256, vocab=tok.state(), chars=chars,
+                                             template=template))
 
     # ------------------------------------------------------------------ training loop
     t_start = time.time()

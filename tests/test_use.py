@@ -14,7 +14,7 @@ from conftest import ROOT, run_script
 from evaluations import char_f1, corpus_bleu, corpus_chrf, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
 from sample import answer, chat_prompt, model_constraint, stream_text
-from sample_gradio import dialogue, message_text
+from sample_gradio import Models, NotServed, dialogue, message_text
 from tokenizer import GPT2, render_prompt
 
 
@@ -110,7 +110,7 @@ def free_port():
 
 def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
     from gradio_client import Client
-    _, sft = tiny_runs
+    pre, sft = tiny_runs
     port = free_port()
     server = subprocess.Popen([sys.executable, "sample_gradio.py", f"--out_dir={sft}", f"--sft_data={sft_dir}",
                                "--port", str(port), "--device=cpu"], cwd=ROOT, stdout=subprocess.PIPE,
@@ -143,9 +143,33 @@ def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
         assert "请输入" in message_text(empty[-1]) and dialogue(empty) == []
         long, _ = client.predict("长" * 600, [], str(sft), 0.7, 50, 0.95, 16, "chars", api_name="/chat")
         assert "太长" in message_text(long[-1])
+        # only the served checkpoints: another real checkpoint, a system file and a missing
+        # path all get the same note, which tells nothing about the file system
+        notes = []
+        for path in (str(pre), "/etc/passwd", "/no/such/file"):
+            try:
+                out, _ = client.predict("你好", [], path, 0.0, 0, 1.0, 8, "chars", api_name="/chat")
+                notes.append(message_text(out[-1]).replace(repr(path), "PATH"))
+            except Exception as e:  # gradio's own check of the dropdown's choices
+                notes.append(str(e).replace(path, "PATH"))
+        assert notes[0] == notes[1] == notes[2] and "not" in notes[0], notes
+        assert "root:" not in notes[1]
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_gradio_models_opens_only_allowed_checkpoints_and_keeps_the_most_recent():
+    opened = []
+    models = Models(["a", "b", "c"], "cpu", max_loaded=2, load=lambda path, device: opened.append(path) or path)
+    for path in ["a", "b", "a", "c", "a", "b"]:
+        assert models.get(path) == path
+    assert opened == ["a", "b", "c", "b"]  # "a" stayed loaded (used recently); "b", then "c", were dropped
+    assert list(models.cache) == ["a", "b"]
+    for path in ["/etc/passwd", "../a", "a/", None]:
+        with pytest.raises(NotServed, match="not one of this page's checkpoints"):
+            models.get(path)
+    assert opened == ["a", "b", "c", "b"]
 
 
 def test_demo_smoke_runs_every_step_and_leaves_tracked_files_alone(tmp_path):
