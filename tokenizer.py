@@ -210,7 +210,7 @@ def message_segments(tok, messages, tools=None, template="qa"):
             tail = [tok.im_end] + tok.encode("\n")
             tail_mask = [int(trained and role == "assistant"), 0]
         segments.append({"role": role, "head": head, "body": tok.encode(content), "tail": tail,
-                         "tail_mask": tail_mask, "trained": bool(trained)})
+                         "tail_mask": tail_mask, "trained": bool(trained), "tool": bool(m.get("tool"))})
     return segments
 
 

@@ -33,7 +33,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import UserError, atomic_write, read_jsonl, read_lines, run_cli, write_json  # noqa: E402
-from tokenizer import GPT2, VOCAB_SHA256, load_vocab_file, render_conversation  # noqa: E402
+from tokenizer import (GPT2, TEMPLATES, VOCAB_SHA256, join_segments, load_vocab_file,  # noqa: E402
+                       message_segments)
 
 DATA_DIR = Path(__file__).resolve().parent
 FORMATS = ("auto", "text", "qa", "alpaca", "chatglm3", "glm4", "sharegpt")
@@ -342,17 +343,90 @@ def default_groups(poems_paths, seed, max_poems=None):
 
 
 # ------------------------------------------------------------------ tokens, rows, files
-def tokenize(tok, conv, block_size, stats):
-    """(ids, mask, conv), right-truncated to block_size; None (counted) when nothing is
-    left to train on, i.e. mask[1:] is all 0."""
-    ids, mask = render_conversation(tok, conv["messages"], conv.get("tools"))
-    if len(ids) > block_size:
+CUTS = ("truncated", "cut_oldest_turns", "dropped_turns", "cut_question_left", "cut_answer_right",
+        "cut_answer_max_tokens", "cut_right", "skipped_no_trained_token")
+
+
+def tokenize(tok, conv, block_size, stats, template="qa", max_answer_tokens=None):
+    """(ids, mask, conv) of a conversation that fits block_size, or None (counted) when
+    nothing is left to train on (mask[1:] all 0). A sample that is too long keeps its
+    answer: cut the oldest whole turns first, then the last question from the left, then
+    the answer from the right; each kind of cut is counted in stats."""
+    segs = message_segments(tok, conv["messages"], conv.get("tools"), template)
+    cuts = fit_segments(tok, segs, block_size, max_answer_tokens)
+    ids, mask = join_segments(segs)
+    if len(ids) > block_size:  # what no cut above could fit (e.g. a huge system message)
         ids, mask = ids[:block_size], mask[:block_size]
-        stats["truncated"] += 1
+        cuts["cut_right"] = 1
+    for cut, n in cuts.items():
+        stats[cut] += n
+    stats["truncated"] += bool(cuts)
     if not any(mask[1:]):
         stats["skipped_no_trained_token"] += 1
         return None
     return ids, mask, conv
+
+
+def fit_segments(tok, segs, block_size, max_answer_tokens=None):
+    """Shorten the message segments in place until they fit block_size; returns the cuts
+    made (a Counter: 1 per kind, and the number of dropped turns). An answer that was cut
+    no longer trains its end token: it did not end there."""
+    cuts = Counter()
+    size = lambda: sum(len(s["head"]) + len(s["body"]) + len(s["tail"]) for s in segs)  # noqa: E731
+    answers = [s for s in segs if s["role"] == "assistant" and not s["tool"]]
+    for a in answers:
+        if max_answer_tokens and len(a["body"]) > max_answer_tokens:
+            cut_answer(tok, a, max_answer_tokens)
+            cuts["cut_answer_max_tokens"] = 1
+    # 1. the oldest whole turns (a turn starts at a user message; the system message stays)
+    while size() > block_size:
+        starts = [i for i, s in enumerate(segs) if s["role"] == "user"]
+        if len(starts) < 2:
+            break
+        del segs[starts[0]:starts[1]]
+        cuts["cut_oldest_turns"] = 1
+        cuts["dropped_turns"] += 1
+    last_q = max((i for i, s in enumerate(segs) if s["role"] == "user"), default=None)
+    last_a = max((i for i, s in enumerate(segs) if s in answers), default=None)
+    if size() <= block_size or last_q is None or last_a is None or last_a < last_q:
+        return cuts
+    q, a = segs[last_q], segs[last_a]
+    # 2. the question from the left, down to what the answer leaves it: the answer may claim
+    # max_answer_tokens (default half the row) before the question has to give way
+    fixed = size() - len(q["body"]) - len(a["body"])
+    answer_share = min(len(a["body"]), max_answer_tokens or block_size // 2)
+    keep_q = max(min(len(q["body"]), block_size - fixed - answer_share), len(q["body"]) - (size() - block_size), 0)
+    if keep_q < len(q["body"]):
+        cut = len(q["body"]) - keep_q
+        while cut < len(q["body"]) and not starts_character(tok, q["body"][cut]):
+            cut += 1  # never start on the middle of a character
+        q["body"] = q["body"][cut:]
+        cuts["cut_question_left"] = 1
+    # 3. the answer from the right
+    if size() > block_size:
+        keep_a = len(a["body"]) - (size() - block_size)
+        if keep_a > 0:
+            cut_answer(tok, a, keep_a)
+            cuts["cut_answer_right"] = 1
+    return cuts
+
+
+def starts_character(tok, token):
+    piece = tok.token_bytes[token]
+    return not piece or not 0x80 <= piece[0] < 0xC0
+
+
+def cut_answer(tok, seg, n):
+    """Keep the first n tokens of an answer, fewer if a character would be left half-written."""
+    body = seg["body"][:n]
+    while body:
+        try:
+            tok.decode_bytes(body).decode("utf-8")
+            break
+        except UnicodeDecodeError:
+            body = body[:-1]
+    seg["body"] = body
+    seg["tail_mask"] = [0] * len(seg["tail_mask"])
 
 
 def to_rows(samples, block_size, pack, pad_id):
@@ -423,6 +497,10 @@ def main():
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
     parser.add_argument("--pack", action="store_true", help="several samples per row instead of padding")
+    parser.add_argument("--template", default="qa", choices=TEMPLATES,
+                        help="chat template: qa = 问:…\\n答:…<|endoftext|> (default), chatml = <|im_start|>role\\n…<|im_end|>")
+    parser.add_argument("--max_answer_tokens", type=int, help="cut every answer to at most this many tokens "
+                                                               "(default: whole answers, cut only to fit the row)")
     parser.add_argument("--val_fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
@@ -449,8 +527,9 @@ def main():
 
     # tokenize first, so that records with nothing left to train on never reach either split
     tok = vocabulary(args.vocab)
-    stats = {"truncated": 0, "skipped_no_trained_token": 0}
-    groups = [g for g in ([s for s in (tokenize(tok, c, args.block_size, stats) for c in convs) if s] for convs in groups) if g]
+    stats = dict.fromkeys(CUTS, 0)
+    groups = [g for g in ([s for s in (tokenize(tok, c, args.block_size, stats, args.template, args.max_answer_tokens)
+                                       for c in convs) if s] for convs in groups) if g]
     if len(groups) < 2:
         raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
     order = list(range(len(groups)))
@@ -460,7 +539,8 @@ def main():
 
     out_dir = Path(args.out_dir)
     text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])
-    meta = {"block_size": args.block_size, "packed": args.pack, "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256,
+    meta = {"block_size": args.block_size, "packed": args.pack, "template": args.template,
+            "tokenizer": "gpt2", "tokenizer_sha256": VOCAB_SHA256, "max_answer_tokens": args.max_answer_tokens,
             "vocab": tok.name, "malformed_records": len(bad),
             "ignored_message_keys": {k: n for k, (n, _) in sorted(ignored.items())}, "seed": args.seed, "source": args.input or args.poems,
             "chars": "".join(sorted(set(text)))}
@@ -483,8 +563,10 @@ def main():
             show_samples(tok, ids, mask, args.show)
     meta.update(stats)
     write_json(out_dir / "meta.json", meta)
-    print(f"truncated {stats['truncated']}, skipped (no trained token) {stats['skipped_no_trained_token']}; "
-          f"wrote {out_dir}")
+    print(f"truncated {stats['truncated']} (oldest turns {stats['cut_oldest_turns']}: {stats['dropped_turns']} turns; "
+          f"question from the left {stats['cut_question_left']}; answer from the right {stats['cut_answer_right']}; "
+          f"answer over --max_answer_tokens {stats['cut_answer_max_tokens']}; other {stats['cut_right']}), "
+          f"skipped (no trained token) {stats['skipped_no_trained_token']}; wrote {out_dir}")
 
 
 if __name__ == "__main__":

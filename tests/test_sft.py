@@ -141,15 +141,62 @@ def test_malformed_records_report_file_and_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {f}:2: bad JSON") and "Traceback" not in proc.stderr
 
 
-def test_truncation_and_skip_counts(tmp_path):
+def fitted(conv, block_size, **kw):
+    stats = dict.fromkeys(prepare_sft.CUTS, 0)
+    ids, mask, _ = prepare_sft.tokenize(GPT2, conv, block_size, stats, **kw)
+    assert len(ids) <= block_size
+    return decode(ids), spans(ids, mask), {k: v for k, v in stats.items() if v}
+
+
+def qa(*turns):
+    return {"messages": [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]}
+
+
+def test_truncation_keeps_the_answer():
+    # a long question is cut from the left; the answer stays whole, end token and all
+    text, trained, cuts = fitted(qa("长" * 40 + "的问题?", "答案是这个。"), 32)
+    assert trained == ["答案是这个。<|endoftext|>"] and text.startswith("问:长") and "的问题?\n答:" in text
+    assert "\ufffd" not in text and cuts == {"truncated": 1, "cut_question_left": 1}
+    # a long answer is cut from the right, on a character boundary; its end token is not trained
+    text, trained, cuts = fitted(qa("问题?", "很长的答案" * 20), 32)
+    assert text.startswith("问:问题?\n答:很长的答案") and text.endswith("<|endoftext|>") and "\ufffd" not in text
+    assert trained[0].startswith("很长的答案") and "<|endoftext|>" not in trained[0]
+    assert cuts == {"truncated": 1, "cut_answer_right": 1}
+    # both long: the question gives way only down to half the row, then the answer is cut
+    text, trained, cuts = fitted(qa("长" * 60, "很长的答案" * 30), 64)
+    assert 20 <= len(GPT2.encode(text.split("\n答:")[0])) <= 34 and len(GPT2.encode(trained[0])) >= 28
+    assert cuts == {"truncated": 1, "cut_question_left": 1, "cut_answer_right": 1}
+
+
+def test_truncation_drops_the_oldest_turns_first():
+    conv = qa("第一个问题" * 3, "第一个回答" * 3, "第二个问题", "第二个回答", "第三个问题", "第三个回答")
+    last_two = len(render_conversation(GPT2, conv["messages"][2:])[0])
+    text, trained, cuts = fitted(conv, last_two + 5)
+    assert text == "问:第二个问题\n答:第二个回答<|endoftext|>问:第三个问题\n答:第三个回答<|endoftext|>"
+    assert trained == ["第二个回答<|endoftext|>", "第三个回答<|endoftext|>"]
+    assert cuts == {"truncated": 1, "cut_oldest_turns": 1, "dropped_turns": 1}
+    system = {"messages": [{"role": "system", "content": "你是诗人"}] + conv["messages"]}
+    text, _, cuts = fitted(system, last_two)
+    assert text.startswith("系统:你是诗人\n问:第三个问题") and cuts["dropped_turns"] == 2
+
+
+def test_max_answer_tokens_cuts_every_answer(tmp_path):
+    text, trained, cuts = fitted(qa("问题?", "床前明月光，疑是地上霜。"), 256, max_answer_tokens=8)
+    assert len(GPT2.encode(trained[0])) <= 8 and "床前明月光".startswith(trained[0][:2]) and "\ufffd" not in text
+    assert cuts == {"truncated": 1, "cut_answer_max_tokens": 1}
+    # end to end: the counts land in meta.json, no sample is lost to a long question
     f = tmp_path / "qa.jsonl"
-    rows = [{"question": "短问题", "answer": "短答案"}, {"question": "长" * 40, "answer": "答"},  # answer cut off: skipped
-            {"question": "问", "answer": "很长的答案" * 20}, {"question": "再问", "answer": "再答"}]  # truncated
+    rows = [{"question": "短问题", "answer": "短答案"}, {"question": "长" * 40, "answer": "答"},
+            {"question": "问", "answer": "很长的答案" * 20}, {"question": "再问", "answer": "再答"}]
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--block_size", "32", "--val_fraction", "0.25")
+    out = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--block_size", "32",
+                     "--val_fraction", "0.25").stdout
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
-    assert meta["truncated"] == 2 and meta["skipped_no_trained_token"] == 1
-    assert meta["train_samples"] + meta["val_samples"] == 3
+    assert meta["truncated"] == 2 and meta["cut_question_left"] == 1 and meta["cut_answer_right"] == 1
+    assert meta["skipped_no_trained_token"] == 0 and meta["train_samples"] + meta["val_samples"] == 4
+    assert "question from the left 1; answer from the right 1" in out
+    run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "m", "--max_answer_tokens", "3")
+    assert json.loads((tmp_path / "m" / "meta.json").read_text())["cut_answer_max_tokens"] >= 2
 
 
 def test_sft_batch_alignment_and_show(sft_dir):
