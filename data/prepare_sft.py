@@ -1,7 +1,10 @@
 """
 SFT data: conversations → rows of block_size token ids (sft_{train,val}.bin, uint16) with a
 0/1 loss mask per token (sft_{train,val}_mask.bin, uint8; 1 = answer token or end token)
-and meta.json. The chat template lives in tokenizer.py: 问:{q}\\n答:{a}<|endoftext|>.
+and meta.json. The chat templates live in tokenizer.py: 问:{q}\\n答:{a}<|endoftext|> (default)
+or ChatML (--template chatml); the one used is recorded in meta.json. A sample longer than
+block_size keeps its answer: the oldest turns go first, then the question from the left,
+then the answer from the right (each kind of cut counted).
 
   python data/prepare_sft.py                       # the default set, built from real data (see README)
   python data/prepare_sft.py --input qa.jsonl chats.json notes.txt --out_dir data/my-sft
@@ -17,7 +20,8 @@ Input formats, detected per record (or forced with --format):
   qa        {"question": ..., "answer": ...}
   alpaca    {"instruction": ..., "input": ..., "output": ...}
   chatglm3  {"conversations": [{"role", "content", "loss"?, "metadata"?}], "tools"?: [...]}
-  glm4      {"messages": [{"role", "content", "loss"?, "tool_calls"?}], "tools"?: [...]}
+            tool turn: {"role": "tool", "name", "parameters", "observation"}
+  glm4      {"messages": [{"role", "content", "loss"?, "tool_calls"?, "tools"? (system)}], "tools"?: [...]}
   sharegpt  {"conversations": [{"from", "value"}], "system"?: ..., "tools"?: ...}
 """
 import argparse
