@@ -34,34 +34,34 @@ def build(out_dir, args, *extra):
     return json.loads((Path(out_dir) / "meta.json").read_text())
 
 
-def trained_tokens_per_s(data_dir, tok, args, device):
-    """(ms per step, trained tokens per step, trained tokens/s) over args.iters steps."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
-                          block_size=args.block_size - 1, vocab_size=tok.vocab_size)).to(device)
-    data = SFTData(data_dir, args.block_size - 1, tok)
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
-    dtype = getattr(torch, pick_dtype({"dtype": "auto"}, device_type))
-    amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
-    step_model = torch.compile(model) if device_type == "cuda" and args.compile else model
-    gen = torch.Generator().manual_seed(0)
-    batches = [data.get_batch("train", args.batch_size, gen, device) for _ in range(args.iters + 2)]
-    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
-    trained = 0
-    for i, b in enumerate(batches):
-        if i == 2:  # two warm-up steps (and compilation), then the clock
-            sync()
-            t0, trained = time.perf_counter(), 0
-        with amp:
-            _, loss = step_model(b["x"], b["y"], b["loss_mask"], b.get("segment_ids"))
+class Run:
+    """One model training on one data set; step() returns (seconds, trained tokens)."""
+
+    def __init__(self, data_dir, tok, args, device):
+        torch.manual_seed(0)  # both runs start from the same weights
+        self.model = GPT(GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd,
+                                   block_size=args.block_size - 1, vocab_size=tok.vocab_size)).to(device)
+        data = SFTData(data_dir, args.block_size - 1, tok)
+        device_type = "cuda" if device.startswith("cuda") else "cpu"
+        dtype = getattr(torch, pick_dtype({"dtype": "auto"}, device_type))
+        self.amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
+        self.opt = self.model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+        self.step_model = torch.compile(self.model) if device_type == "cuda" and args.compile else self.model
+        gen = torch.Generator().manual_seed(0)
+        self.batches = [data.get_batch("train", args.batch_size, gen, device) for _ in range(args.iters + 2)]
+        self.sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    def step(self, i):
+        b = self.batches[i]
+        self.sync()
+        t0 = time.perf_counter()
+        with self.amp:
+            _, loss = self.step_model(b["x"], b["y"], b["loss_mask"], b.get("segment_ids"))
         loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        trained += int(b["loss_mask"].sum())
-    sync()
-    dt = time.perf_counter() - t0
-    return dt / args.iters * 1000, trained / args.iters, trained / dt
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sync()
+        return time.perf_counter() - t0, int(b["loss_mask"].sum())
 
 
 def main():
@@ -87,16 +87,26 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads; model {args.n_layer}x{args.n_embd}, vocabulary {tok.name}, "
           f"batch {args.batch_size}x{args.block_size - 1}, {args.iters} steps each")
-    results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, extra in (("padded", []), ("packed", ["--pack"])):
-            meta = build(Path(tmp) / mode, args, *extra)
-            ms, per_step, per_s = trained_tokens_per_s(Path(tmp) / mode, tok, args, device)
-            results[mode] = per_s
-            print(f"{mode:>7}: {meta['train_rows']:,} rows for {meta['train_samples']:,} samples, "
-                  f"{meta['train_mask_share'] * 100:.1f}% of tokens trained; {ms:.0f} ms/step, "
-                  f"{per_step:,.0f} trained tokens/step, {per_s:,.0f} trained tokens/s")
-    print(f"packed / padded trained tokens per second: {results['packed'] / results['padded']:.2f}x")
+        modes = {"padded": [], "packed": ["--pack"]}
+        metas = {m: build(Path(tmp) / m, args, *extra) for m, extra in modes.items()}
+        runs = {m: Run(Path(tmp) / m, tok, args, device) for m in modes}
+        totals = {m: [0.0, 0] for m in modes}
+        # the steps alternate (padded, packed, padded, ...) so that a slower or busier
+        # moment of the machine costs both the same; the first two of each warm up
+        for i in range(args.iters + 2):
+            for m, run in runs.items():
+                dt, trained = run.step(i)
+                if i >= 2:
+                    totals[m][0] += dt
+                    totals[m][1] += trained
+    for m, (seconds, trained) in totals.items():
+        meta = metas[m]
+        print(f"{m:>7}: {meta['train_rows']:,} rows for {meta['train_samples']:,} samples, "
+              f"{meta['train_mask_share'] * 100:.1f}% of tokens trained; {seconds / args.iters * 1000:.0f} ms/step, "
+              f"{trained / args.iters:,.0f} trained tokens/step, {trained / seconds:,.0f} trained tokens/s")
+    speed = {m: t / s for m, (s, t) in totals.items()}
+    print(f"packed / padded trained tokens per second: {speed['packed'] / speed['padded']:.2f}x")
 
 
 if __name__ == "__main__":

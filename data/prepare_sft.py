@@ -25,6 +25,7 @@ Input formats, detected per record (or forced with --format):
   sharegpt  {"conversations": [{"from", "value"}], "system"?: ..., "tools"?: ...}
 """
 import argparse
+import bisect
 import codecs
 import json
 import random
@@ -435,15 +436,24 @@ def cut_answer(tok, seg, n):
 
 def to_rows(samples, block_size, pack, pad_id):
     """Arrays (ids, mask, segment ids or None), each [rows, block_size]. Padding: one
-    sample per row, padded with <|endoftext|> (mask 0). Packing: samples follow each
-    other in a row until the next one does not fit; segment ids 1, 2, ... tell them apart."""
-    rows = []
-    for ids, mask in samples:
-        if pack and rows and len(rows[-1][0]) + len(ids) <= block_size:
-            seg = rows[-1][2][-1] + 1
-            rows[-1] = (rows[-1][0] + ids, rows[-1][1] + mask, rows[-1][2] + [seg] * len(ids))
-        else:
-            rows.append((ids, mask, [1] * len(ids)))
+    sample per row, padded with <|endoftext|> (mask 0). Packing: best-fit decreasing, i.e.
+    longest samples first, each into the fullest row it still fits; segment ids 1, 2, ...
+    tell the samples of a row apart."""
+    if not pack:
+        rows = [(ids, mask, [1] * len(ids)) for ids, mask in samples]
+    else:
+        rows, free = [], []  # free: sorted (space left, row index)
+        for ids, mask in sorted(samples, key=lambda s: -len(s[0])):
+            i = bisect.bisect_left(free, (len(ids), -1))
+            if i == len(free):
+                rows.append(([], [], []))
+                space, r = block_size, len(rows) - 1
+            else:
+                space, r = free.pop(i)
+            row_ids, row_mask, seg = rows[r]
+            rows[r] = (row_ids + ids, row_mask + mask, seg + [len(set(seg)) + 1] * len(ids))
+            if space - len(ids) > 0:
+                bisect.insort(free, (space - len(ids), r))
     n = len(rows)
     ids_arr = np.full((n, block_size), pad_id, dtype=np.uint16)
     mask_arr = np.zeros((n, block_size), dtype=np.uint8)

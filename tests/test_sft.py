@@ -199,6 +199,17 @@ def test_max_answer_tokens_cuts_every_answer(tmp_path):
     assert json.loads((tmp_path / "m" / "meta.json").read_text())["cut_answer_max_tokens"] >= 2
 
 
+def test_packing_is_best_fit_decreasing_and_keeps_every_sample_whole():
+    samples = [([n] * n, [0] * (n // 2) + [1] * (n - n // 2)) for n in (10, 60, 30, 50, 20, 40)]
+    ids, mask, seg = prepare_sft.to_rows(samples, 70, pack=True, pad_id=0)
+    assert ids.shape == (3, 70) and (seg > 0).all()  # 210 tokens in 3 full rows (in order: 4 rows)
+    found = sorted((ids[r][seg[r] == s].tolist(), mask[r][seg[r] == s].tolist())
+                   for r in range(3) for s in set(seg[r].tolist()))
+    assert found == sorted(samples)
+    ids, mask, seg = prepare_sft.to_rows(samples, 70, pack=False, pad_id=0)
+    assert ids.shape == (6, 70) and seg is None
+
+
 def test_sft_batch_alignment_and_show(sft_dir):
     data = SFTData(sft_dir, block_size=64, tok=GPT2)
     b = data.get_batch("train", 8, torch.Generator().manual_seed(0))
