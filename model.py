@@ -209,7 +209,7 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, use_cache=True, generator=None, constraint=None, pad=None):
+                        stop_token=None, use_cache=True, generator=None, constraint=None, pad=None, states=None):
         """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
         Stops early once every row has produced stop_token (an id, or several: any of them
         ends a row; a finished row then repeats the first). The KV cache path gives the
@@ -218,11 +218,12 @@ class GPT(nn.Module):
         constraint (tokenizer.TextConstraint, or one per row): each row may only take the
         tokens its state allows (valid UTF-8 of known characters); the rest get probability
         0 before sampling. pad (B,): left-padding of each row's prompt, for a batch of
-        prompts of different lengths; each row then gives what it would give alone."""
+        prompts of different lengths; each row then gives what it would give alone. states:
+        each row's constraint state at the start (default b"": between characters)."""
         block = self.config.block_size
         cache = None
         B = idx.size(0)
-        states = [b""] * B  # the prompt ends between characters
+        states = list(states) if states is not None else [b""] * B  # the prompt ends between characters
         rows = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * B
         if pad is not None and idx.size(1) + max_new_tokens > block:
             raise ValueError(f"batched generation needs prompt + new tokens within block_size {block}")

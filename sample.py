@@ -96,31 +96,57 @@ def answer(model, tok, history, question, constraint=None, template="qa", **kwar
 
 def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, temperature=0, top_k=None, top_p=None,
                  seed=None, batch_size=16, template="qa"):
-    """Answers to many single-turn questions, batch_size at a time: the prompts are
-    left-padded and each row stops on its own. Greedy answers equal answer()'s, token for
-    token (tested); each row's constraint also allows its own question's characters."""
+    """Answers to many single-turn questions, batch_size rows at a time: the prompts are
+    left-padded and each row stops on its own. A finished row makes room: once half the
+    rows have finished and questions are waiting, the batch is rebuilt from the unfinished
+    rows (their prompt plus what they wrote so far, prefilled again) and new questions, so
+    the long answers do not run on in a nearly empty batch. Greedy answers equal answer()'s,
+    token for token (tested); each row's constraint also allows its own question's characters."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    prompts = [chat_prompt(tok, [], q, model.config.block_size, max_new_tokens, template)[0] for q in questions]
+    rows = [constraint.with_chars(q) if constraint is not None else None for q in questions]
+    written = [[] for _ in questions]  # each answer's tokens, without the end token
+    done = [False] * len(questions)
+    waiting, active = list(range(len(questions))), []
+    while waiting or active:
+        take = batch_size - len(active)
+        active, waiting = active + waiting[:take], waiting[take:]
+        contexts = [prompts[i] + written[i] for i in active]
+        width = max(map(len, contexts))
+        idx = torch.tensor([[tok.eot] * (width - len(c)) + c for c in contexts], device=device)
+        pad = torch.tensor([width - len(c) for c in contexts], device=device)
+        budget = min(max_new_tokens - len(written[i]) for i in active)  # the round ends when the first row is out of tokens
+        states = [partial_character(tok, written[i]) for i in active]
+        finished = 0
+        for step in model.generate_stream(idx, budget, temperature=temperature, top_k=top_k, top_p=top_p,
+                                          stop_token=tok.stop_ids, generator=generator, pad=pad, states=states,
+                                          constraint=[rows[i] for i in active] if constraint is not None else None):
+            for i, t in zip(active, step.tolist()):
+                if done[i]:
+                    continue
+                if t in tok.stop_ids:
+                    done[i] = True
+                else:
+                    written[i].append(t)
+                    done[i] = len(written[i]) >= max_new_tokens
+                finished += done[i]
+            if waiting and finished * 2 >= len(active):
+                break
+        active = [i for i in active if not done[i]]
     out = []
-    for i in range(0, len(questions), batch_size):
-        chunk = questions[i:i + batch_size]
-        prompts = [chat_prompt(tok, [], q, model.config.block_size, max_new_tokens, template)[0] for q in chunk]
-        width = max(map(len, prompts))
-        idx = torch.tensor([[tok.eot] * (width - len(p)) + p for p in prompts], device=device)
-        pad = torch.tensor([width - len(p) for p in prompts], device=device)
-        rows = [constraint.with_chars(q) if constraint is not None else None for q in chunk]
-        tokens = [[] for _ in chunk]
-        for step in model.generate_stream(idx, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                                          stop_token=tok.stop_ids, generator=generator, pad=pad,
-                                          constraint=rows if constraint is not None else None):
-            for r, t in enumerate(step.tolist()):
-                if not tokens[r] or tokens[r][-1] not in tok.stop_ids:
-                    tokens[r].append(t)
-        for r, ids in enumerate(tokens):
-            ids = ids[:-1] if ids and ids[-1] in tok.stop_ids else ids
-            decoder = text_decoder(constraint)
-            out.append(decoder.decode(tok.decode_bytes(ids)) + text_tail(decoder, constraint))
+    for ids in written:
+        decoder = text_decoder(constraint)
+        out.append(decoder.decode(tok.decode_bytes(ids)) + text_tail(decoder, constraint))
     return out
+
+
+def partial_character(tok, ids):
+    """The bytes of a character the tokens left half-written (b"" between characters): the
+    decoding constraint's state after them."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder.decode(tok.decode_bytes(ids))
+    return decoder.getstate()[0]
 
 
 def main():

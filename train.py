@@ -244,6 +244,10 @@ def main(argv=None):
 
     tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * block
     flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
+    # SFT without compile projects only the trained positions onto the vocabulary (model.py):
+    # the output layer's FLOPs then count for those positions alone
+    head_flops = 6 * model_args["n_embd"] * model_args["vocab_size"] if kind == "sft" and not use_compile else 0
+    trained_tokens = torch.zeros((), device=device)  # mask-1 targets since the last log line
     peak = c["peak_flops"] if c["peak_flops"] != "auto" else measure_peak_flops(device, ptdtype)
     log_path = out_dir / "log.jsonl"
     if master:
@@ -336,6 +340,8 @@ def main(argv=None):
             with (model.no_sync() if ddp and not last else nullcontext()), amp:
                 _, loss = model(batch["x"], batch["y"], batch.get("loss_mask"), batch.get("segment_ids"))
                 loss = loss / local_accum
+            if kind == "sft":
+                trained_tokens += batch["loss_mask"].sum()
             if not last:  # load the next micro-batch while the device works on this one
                 batch = data.load("train", my_rows[micro + 1], device)
             scaler.scale(loss).backward()
@@ -353,11 +359,19 @@ def main(argv=None):
             lossf = all_mean(running_loss).item() / iters_since_log  # .item() waits for the device
             dt = (time.time() - t_log) / iters_since_log
             tok_s = tokens_per_iter / dt
-            mfu = flops_per_iter / dt / (peak * world)
-            log({"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tokens_per_s": tok_s,
-                 "mfu": mfu, "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start},
-                f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s, mfu {mfu * 100:.1f}%")
+            trained = all_mean(trained_tokens).item() * world / iters_since_log  # per iteration, all processes
+            flops = flops_per_iter - head_flops * (tokens_per_iter - trained) if head_flops else flops_per_iter
+            mfu = flops / dt / (peak * world)
+            record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tokens_per_s": tok_s,
+                      "mfu": mfu, "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start}
+            extra = ""
+            if kind == "sft":  # the tokens that carry loss: what packing rows buys
+                record["trained_tokens_per_s"] = trained / dt
+                extra = f" ({trained / dt:,.0f} trained)"
+            log(record, f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s"
+                        f"{extra}, mfu {mfu * 100:.1f}%")
             running_loss.zero_()
+            trained_tokens.zero_()
             t_log, iters_since_log = time.time(), 0
 
     if master:
