@@ -1,6 +1,7 @@
 # SFT of the tiny CPU pretrain (config/train_tiny_cpu.py) on the default 问/答 set.
 #   python data/prepare_sft.py --vocab out/tiny-pretrain --pack   # rows in the pretrain's (trimmed) vocabulary
-# Packed rows train ~1.8x more answer tokens per step than padded ones. Measured
+# Packed rows (67% trained) train ~1.9x more answer tokens per second than padded ones
+# (28%; benchmarks/bench_sft.py). Measured
 # (benchmarks/README.md): lr 5e-4 forgets less of the pretraining than 1e-3 and answers
 # held-out questions as well or better.
 #   python train.py config/sft_tiny_cpu.py
