@@ -144,7 +144,7 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, temp
 def partial_character(tok, ids):
     """The bytes of a character the tokens left half-written (b"" between characters): the
     decoding constraint's state after them."""
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    decoder = text_decoder(None)
     decoder.decode(tok.decode_bytes(ids))
     return decoder.getstate()[0]
 

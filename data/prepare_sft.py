@@ -271,9 +271,8 @@ def read_records(path, fmt, strict, ignored=None):
         except BadRecord as e:
             report(where, e)
             continue
-        for key, n in unused.items():
-            if ignored is not None:
-                ignored.setdefault(key, [0, f"{path}:{where}"])[0] += n
+        for key, n in unused.items() if ignored is not None else ():
+            ignored.setdefault(key, [0, f"{path}:{where}"])[0] += n
     return convs, bad
 
 
@@ -378,8 +377,8 @@ def fit_segments(tok, segs, block_size, max_answer_tokens=None):
     no longer trains its end token: it did not end there."""
     cuts = Counter()
     size = lambda: sum(len(s["head"]) + len(s["body"]) + len(s["tail"]) for s in segs)  # noqa: E731
-    answers = [s for s in segs if s["role"] == "assistant" and not s["tool"]]
-    for a in answers:
+    is_answer = lambda s: s["role"] == "assistant" and not s["tool"]  # noqa: E731
+    for a in filter(is_answer, segs):
         if max_answer_tokens and len(a["body"]) > max_answer_tokens:
             cut_answer(tok, a, max_answer_tokens)
             cuts["cut_answer_max_tokens"] = 1
@@ -392,7 +391,7 @@ def fit_segments(tok, segs, block_size, max_answer_tokens=None):
         cuts["cut_oldest_turns"] = 1
         cuts["dropped_turns"] += 1
     last_q = max((i for i, s in enumerate(segs) if s["role"] == "user"), default=None)
-    last_a = max((i for i, s in enumerate(segs) if s in answers), default=None)
+    last_a = max((i for i, s in enumerate(segs) if is_answer(s)), default=None)
     if size() <= block_size or last_q is None or last_a is None or last_a < last_q:
         return cuts
     q, a = segs[last_q], segs[last_a]

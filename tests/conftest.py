@@ -1,6 +1,7 @@
 """Shared fixtures: real data from the Debian fortunes-zh package, prepared once per
 session into a temp folder, and the flags of a tiny model that trains in seconds on CPU."""
 import json
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ def run_script(*args, check=True, **kw):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (a server or a torchrun rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def read_log(out_dir, kind):

@@ -1,5 +1,4 @@
 import os
-import socket
 import subprocess
 import sys
 
@@ -8,7 +7,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import ROOT, TINY, free_port, read_log, run_script
 from data_utils import UserError
 
 
@@ -25,6 +24,17 @@ def test_tiny_pretrain_lowers_val_loss(tmp_path, pretrain_dir):
     assert len(steps) == 40 and all(s["tokens_per_s"] > 0 and 0 < s["mfu"] for s in steps)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["kind"] == "pretrain" and best["iter_num"] == 40
+
+
+def assert_same_training(single, distributed, iters):
+    """A distributed run logged the single-process run's losses and ended with its weights."""
+    one, many = read_log(single, "train"), read_log(distributed, "train")
+    assert len(many) == iters
+    for a, b in zip(one, many):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    w1 = load_checkpoint(single / "ckpt.pt")["model"]
+    w2 = load_checkpoint(distributed / "ckpt.pt")["model"]
+    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 MODES = pytest.mark.parametrize("data_dir", ["pretrain", "sft", "sft-packed"], indirect=True)
@@ -53,19 +63,7 @@ def test_ddp_two_processes_match_single_process(tmp_path, data_dir):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "device cpu x2" in proc.stdout
-    single, ddp = read_log(tmp_path / "single", "train"), read_log(tmp_path / "ddp", "train")
-    assert len(ddp) == 6
-    for a, b in zip(single, ddp):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    w1 = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
-    w2 = load_checkpoint(tmp_path / "ddp" / "ckpt.pt")["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    assert_same_training(tmp_path / "single", tmp_path / "ddp", iters=6)
 
 
 def test_two_node_torchrun_matches_single_process(tmp_path, pretrain_dir):
@@ -83,13 +81,7 @@ def test_two_node_torchrun_matches_single_process(tmp_path, pretrain_dir):
     outputs = [n.communicate(timeout=300) for n in nodes]
     assert [n.returncode for n in nodes] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
     assert "device cpu x2" in outputs[0][0]
-    single, multi = read_log(tmp_path / "single", "train"), read_log(tmp_path / "multi", "train")
-    assert len(multi) == 4
-    for a, b in zip(single, multi):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    w1 = load_checkpoint(tmp_path / "single" / "ckpt.pt")["model"]
-    w2 = load_checkpoint(tmp_path / "multi" / "ckpt.pt")["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
+    assert_same_training(tmp_path / "single", tmp_path / "multi", iters=4)
 
 
 def test_bad_config_keys_are_clear_errors(tmp_path):

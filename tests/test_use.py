@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from checkpoint import load_model
-from conftest import ROOT, run_script
+from conftest import ROOT, free_port, run_script
 from evaluations import char_f1, corpus_bleu, corpus_chrf, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
 from sample import answer, chat_prompt, model_constraint, stream_text
@@ -100,12 +100,6 @@ def test_plots_written_from_real_logs(tiny_runs, tmp_path):
         assert data.startswith(b"\x89PNG") and len(data) > 10_000
     bad = run_script("visualize.py", "--runs", tmp_path, check=False)
     assert bad.returncode == 1 and "no log.jsonl" in bad.stderr
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
