@@ -127,6 +127,49 @@ def masked_cross_entropy(logits, targets, loss_mask=None):
     return (losses * mask).sum() / mask.sum().clamp(min=1)
 
 
+class LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of x @ weight.T against targets (-100 = ignored) without ever
+    holding the (N, vocab) logits: rows go through in chunks, and each chunk's gradient
+    (softmax - one-hot) becomes the gradients of x and weight right away, in forward.
+    Same three matmuls as the plain path, but the logits are written once and read twice
+    instead of going through log_softmax, nll_loss and their backward passes, which on a
+    CPU cost a sixth of a 45M-model step (benchmarks/README.md)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, targets, chunk_rows):
+        valid = targets != -100
+        count = valid.sum().clamp(min=1)
+        grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        gx = torch.empty_like(x) if grads else None
+        gw = None
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        buf = torch.empty(min(chunk_rows, x.size(0)), weight.size(0), dtype=x.dtype, device=x.device)
+        for s in range(0, x.size(0), chunk_rows):
+            xc, tc, vc = x[s:s + chunk_rows], targets[s:s + chunk_rows].clamp(min=0), valid[s:s + chunk_rows]
+            rows = torch.arange(xc.size(0), device=x.device)
+            logits = torch.mm(xc, weight.t(), out=buf[:xc.size(0)])  # one buffer: no fresh pages per chunk
+            target_logit = logits[rows, tc].float()
+            # softmax in place, in plain passes (torch.logsumexp plus exp allocates and reads more)
+            top = logits.amax(dim=-1, keepdim=True)
+            total_exp = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
+            lse = (top + total_exp.log()).squeeze(1).float()
+            total += ((lse - target_logit) * vc).sum()
+            if grads:  # d(mean loss)/d(logits) = (softmax - one-hot) / count, 0 on ignored rows
+                probs = logits.div_(total_exp * count)
+                probs[rows, tc] -= 1 / count
+                if not bool(vc.all()):
+                    probs.mul_(vc[:, None])
+                gx[s:s + chunk_rows] = probs @ weight
+                gw = probs.t() @ xc if gw is None else gw.addmm_(probs.t(), xc)
+        ctx.save_for_backward(gx, gw)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        gx, gw = ctx.saved_tensors
+        return gx * grad_loss, gw * grad_loss, None, None
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -140,6 +183,7 @@ class GPT(nn.Module):
         ))
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
+        self.loss_chunk_rows = 512  # rows per chunk of LinearCrossEntropy; 0 = the plain full-logits loss
         self.apply(self._init_weights)
         # GPT-2 scaled init: each residual branch adds to the stream, so shrink its output
         for name, p in self.named_parameters():
@@ -187,8 +231,12 @@ class GPT(nn.Module):
             # cost); the returned logits are then those of the masked positions only.
             # (Under torch.compile the data-dependent shape would recompile: full path there.)
             keep = loss_mask.bool()
-            logits = self.lm_head(x[keep])
-            return logits, masked_cross_entropy(logits, targets[keep])
+            x, targets, loss_mask = x[keep], targets[keep], None
+        if (targets is not None and self.loss_chunk_rows and x.dtype == torch.float32
+                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
+            # fp32 (the CPU default): the loss without the full logits, which come back None
+            flat = x.reshape(-1, x.size(-1))
+            return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1), self.loss_chunk_rows)
         logits = self.lm_head(x)
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return logits, loss
@@ -200,7 +248,8 @@ class GPT(nn.Module):
             {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
         ]
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type == "cuda")
+        # fused: one pass over each parameter, its gradient and both moments (CUDA, and CPU since torch 2.4)
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B style."""

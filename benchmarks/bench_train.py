@@ -3,10 +3,14 @@ Training throughput of a config: tokens/s and an MFU-style ratio (achieved FLOP/
 FLOP/s of a large matmul measured in the same run, same dtype).
 
   python benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=5
+  python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 --profile
+
+--profile adds where one step's time goes (torch.profiler, self time of each op, grouped).
 """
 import argparse
 import sys
 import time
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -19,14 +23,52 @@ from tokenizer import GPT2, load_vocab_file  # noqa: E402
 from train import load_config, measure_peak_flops, pick_dtype  # noqa: E402
 
 
-def bench(config_path, iters, device, batch_size):
+def where_time_goes(step):
+    """One profiled step, its self time per op grouped into the parts that matter."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with record_function("step"):
+            step()
+    parts = defaultdict(float)
+    for e in prof.events():
+        names, parent = [], e.cpu_parent
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        inside = " ".join(names)
+        matmul = e.name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+        if e.name == "step":
+            continue
+        elif "Optimizer.step" in inside or e.name.startswith("Optimizer.step"):
+            part = "optimizer (AdamW)"
+        elif "LinearCrossEntropy" in inside or e.name == "LinearCrossEntropy":
+            part = "output layer + loss: matmuls" if matmul else "output layer + loss: softmax, indexing"
+        elif "log_softmax" in e.name or "nll_loss" in e.name or "cross_entropy" in e.name:
+            part = "output layer + loss: softmax, indexing"
+        elif matmul:
+            part = "other matmuls (attention/MLP projections, output layer without the fused loss)"
+        elif "scaled_dot_product" in e.name:
+            part = "attention (SDPA)"
+        else:
+            part = "everything else (LayerNorm, GELU, embeddings, residual adds, autograd)"
+        parts[part] += e.self_cpu_time_total / 1e6
+    total = sum(parts.values())
+    for part, t in sorted(parts.items(), key=lambda kv: -kv[1]):
+        print(f"    {t * 1000:8.0f} ms  {t / total * 100:5.1f}%  {part}")
+    print(f"    {total * 1000:8.0f} ms  100.0%  profiled step (the profiler adds a little)")
+
+
+def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=None):
     c = load_config([config_path])
+    c["block_size"] = block_size or c["block_size"]
     torch.manual_seed(0)
     vocab = GPT2.vocab_size
     if c["vocab"] == "trimmed":  # the trimmed vocabulary of the config's data (data/prepare.py writes it)
         vocab = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[0].vocab_size
     model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                           vocab_size=vocab))
+    if loss_chunk_rows is not None:
+        model.loss_chunk_rows = loss_chunk_rows
     model.to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
@@ -58,6 +100,8 @@ def bench(config_path, iters, device, batch_size):
     mfu = model.flops_per_token() * tok_s / peak
     print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
           f"{dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
+    if profile and device_type == "cpu":
+        where_time_goes(step)
 
 
 def main():
@@ -65,13 +109,16 @@ def main():
     p.add_argument("configs", nargs="+")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--batch_size", type=int, help="override the config's batch size")
+    p.add_argument("--block_size", type=int, help="override the config's block size")
+    p.add_argument("--loss_chunk_rows", type=int, help="model.loss_chunk_rows; 0 = the plain full-logits loss")
+    p.add_argument("--profile", action="store_true", help="also print where one step's time goes (CPU)")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for cfg in args.configs:
-        bench(cfg, args.iters, device, args.batch_size)
+        bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile, args.loss_chunk_rows)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from model import GPT, GPTConfig, masked_cross_entropy, sample_next
+from model import GPT, GPTConfig, LinearCrossEntropy, masked_cross_entropy, sample_next
 from train import load_config
 
 
@@ -27,6 +27,42 @@ def test_masked_loss_is_mean_over_mask_ones():
                - math.log(math.exp(3) / (2 + math.exp(3)))) / 2
     assert abs(masked_cross_entropy(logits, targets, mask).item() - by_hand) < 1e-6
     assert abs(masked_cross_entropy(logits, targets).item() - F.cross_entropy(logits[0], targets[0]).item()) < 1e-6
+
+
+def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients():
+    torch.manual_seed(0)
+    x, w = torch.randn(70, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (70,))
+    targets[::9] = -100  # ignored rows: no loss, no gradient
+    (3 * F.cross_entropy(x @ w.t(), targets)).backward()
+    want = x.grad.clone(), w.grad.clone()
+    for chunk in (8, 70, 256):  # chunks that split the rows unevenly, exactly, or not at all
+        x.grad = w.grad = None
+        loss = LinearCrossEntropy.apply(x, w, targets, chunk)
+        (3 * loss).backward()  # the gradient flowing in is applied
+        assert torch.allclose(loss, F.cross_entropy(x @ w.t(), targets), atol=1e-6)
+        assert torch.allclose(x.grad, want[0], atol=1e-6) and torch.allclose(w.grad, want[1], atol=1e-6)
+    assert not x.grad[::9].any()
+    with torch.no_grad():  # evaluation: the loss alone
+        assert torch.allclose(LinearCrossEntropy.apply(x, w, targets, 8), F.cross_entropy(x @ w.t(), targets))
+
+
+def test_model_chunked_loss_trains_like_the_full_logits():
+    """The same loss and the same gradients (tied embedding included) with and without
+    LinearCrossEntropy, for pretraining and for an SFT mask."""
+    x, y = torch.randint(0, 64, (3, 24)), torch.randint(0, 64, (3, 24))
+    mask = (torch.rand(3, 24) > 0.6).long()
+    for loss_mask in (None, mask):
+        grads = []
+        for rows in (0, 16):
+            model = tiny().train()
+            model.loss_chunk_rows = rows
+            logits, loss = model(x, y, loss_mask)
+            assert (logits is None) == (rows > 0)
+            loss.backward()
+            grads.append((loss.detach(), [p.grad for p in model.parameters()]))
+        assert torch.allclose(grads[0][0], grads[1][0], atol=1e-6)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_model_loss_mask_path_equals_full_logits():
