@@ -76,10 +76,12 @@ def find_checkpoint(path):
     return path
 
 
-def load_model(path, device="cpu"):
-    """(model in eval mode on device, its tokenizer, the checkpoint's other fields) from a file or an out_dir."""
+def load_model(path, device="cpu", decode_mode="eager"):
+    """(model in eval mode on device, its tokenizer, the checkpoint's other fields) from a
+    file or an out_dir. decode_mode: how generation runs its decode steps (model.DECODE_MODES)."""
     ckpt = load_checkpoint(find_checkpoint(path))
     model = model_from_checkpoint(ckpt).to(device).eval()
+    model.decode_mode = decode_mode
     # the weights now live in the model; the optimizer state is for resuming only
     meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
     return model, checkpoint_tokenizer(ckpt), meta

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 import visualize
 from checkpoint import find_checkpoint, load_model
+from model import DECODE_MODES
 from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
 from sample import answer_batch, model_constraint, model_template
 from tokenizer import CONSTRAINTS, EOT, GPT2
@@ -159,7 +160,7 @@ def question_type(q):
 
 
 def evaluate(path, args, device, questions):
-    model, tok, ckpt = load_model(path, device)
+    model, tok, ckpt = load_model(path, device, args.decode)
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
               "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
               "template": model_template(ckpt),
@@ -291,6 +292,8 @@ def main():
     p.add_argument("--report_answers", type=int, default=12, help="sampled answers in the report")
     p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="decoding constraint (see sample.py)")
     p.add_argument("--device", default="auto")
+    p.add_argument("--decode", default="eager", choices=DECODE_MODES,
+                   help="generation's decode steps (sample.py --help); compiled = CUDA graphs on a GPU")
     args = p.parse_args()
     device = pick_device(args.device)
     t0 = time.time()

@@ -15,6 +15,9 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 
+DECODE_MODES = ("eager", "static", "compiled")  # GPT.decode_mode: see GPT.__init__
+
+
 @dataclass
 class GPTConfig:
     block_size: int = 512
@@ -27,12 +30,13 @@ class GPTConfig:
 
 
 class KVCache:
-    """Per-layer keys/values for incremental decoding; `length` tokens are filled."""
+    """Per-layer keys/values for incremental decoding; `length` tokens are filled. With
+    `tensors` (lists of per-layer k and v), it fills those (GPT.static_cache)."""
 
-    def __init__(self, config, batch_size, device, dtype):
+    def __init__(self, config, batch_size, device, dtype, tensors=None):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.k, self.v = tensors or [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+                                     for _ in "kv"]
         self.length = 0
 
 
@@ -45,13 +49,21 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
         self.dropout = config.dropout
+        # the fixed-shape cache of GPT.static_cache: buffers, so that a compiled decode step
+        # (CUDA graphs) may write them in place; not saved with the weights
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         is_causal = attn_mask is None
-        if cache is not None:
+        if slot is not None:  # GPT.decode_step: one token, written at `slot`; attn_mask says which slots count
+            self.k_cache.index_copy_(2, slot, k)
+            self.v_cache.index_copy_(2, slot, v)
+            k, v, is_causal = self.k_cache, self.v_cache, False
+        elif cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
             cache.v[layer][:, :, start:start + T] = v
@@ -85,8 +97,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, slot)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -184,6 +196,10 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
         self.loss_chunk_rows = 512  # rows per chunk of LinearCrossEntropy; 0 = the plain full-logits loss
+        # generation's decode steps: "eager" (a cache that grows, finished rows leave the
+        # batch), "static" (decode_step at a fixed shape) or "compiled" (decode_step under
+        # torch.compile(mode="reduce-overhead"): one CUDA graph per step on a GPU)
+        self.decode_mode = "eager"
         self.apply(self._init_weights)
         # GPT-2 scaled init: each residual branch adds to the stream, so shrink its output
         for name, p in self.named_parameters():
@@ -256,6 +272,36 @@ class GPT(nn.Module):
         c = self.config
         return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_embd * c.block_size
 
+    def static_cache(self, batch_size):
+        """A KVCache over fixed-shape buffers in every attention layer, made once per batch
+        size, dtype and device and then reused, as CUDA graphs need."""
+        c, w = self.config, self.lm_head.weight
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        for block in self.transformer.h:
+            a = block.attn
+            if a.k_cache is None or a.k_cache.shape != shape or a.k_cache.dtype != w.dtype or a.k_cache.device != w.device:
+                a.k_cache = torch.zeros(shape, device=w.device, dtype=w.dtype)
+                a.v_cache = torch.zeros(shape, device=w.device, dtype=w.dtype)
+        attn = [block.attn for block in self.transformer.h]
+        return KVCache(c, batch_size, w.device, w.dtype, tensors=([a.k_cache for a in attn], [a.v_cache for a in attn]))
+
+    def decode_step(self, idx, slot, pad):
+        """Logits (B, vocab) of one new token per row, idx (B, 1), written at cache position
+        slot (a 1-element tensor) of static_cache(): every step has the same shapes, with
+        the not-yet-filled slots and each row's pad (B,) left-padding masked out, so the
+        step compiles to one graph. The same computation as forward() with a KVCache."""
+        slots = torch.arange(self.config.block_size, device=idx.device)
+        attend = ((slots[None, :] <= slot) & (slots[None, :] >= pad[:, None]))[:, None, None, :]
+        x = self.transformer.wte(idx) + self.transformer.wpe((slot - pad)[:, None])
+        for block in self.transformer.h:
+            x = block(x, attend, slot=slot)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
+
+    def compiled_decode_step(self):
+        if getattr(self, "_compiled_step", None) is None:
+            self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        return self._compiled_step
+
     @torch.no_grad()
     def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                         stop_token=None, use_cache=True, generator=None, constraint=None, pad=None, states=None):
@@ -272,6 +318,10 @@ class GPT(nn.Module):
         block = self.config.block_size
         cache = None
         B = idx.size(0)
+        static = use_cache and self.decode_mode in ("static", "compiled")
+        if static:  # a fixed shape: rows stay in the batch, and decode_step needs every row's padding
+            step = self.compiled_decode_step() if self.decode_mode == "compiled" else self.decode_step
+            pad_rows = pad if pad is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
         states = list(states) if states is not None else [b""] * B  # the prompt ends between characters
         rows = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * B
         if pad is not None and idx.size(1) + max_new_tokens > block:
@@ -284,8 +334,17 @@ class GPT(nn.Module):
         for _ in range(max_new_tokens):
             if use_cache and idx.size(1) <= block:
                 if cache is None or cache.length != idx.size(1) - 1:  # (re)fill from the prompt
-                    cache = KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype)
+                    cache = (self.static_cache(B) if static
+                             else KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype))
                     logits, _ = self(idx, kv_cache=cache, last_logits_only=True, pad=pad)
+                    slot = torch.tensor([cache.length], device=idx.device)
+                elif static:
+                    if self.decode_mode == "compiled" and idx.is_cuda:
+                        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are no longer needed
+                    last = idx[:, -1:].clone(memory_format=torch.contiguous_format)  # fixed strides: no recompiles
+                    logits = step(last, slot, pad_rows)[:, None, :]
+                    cache.length += 1
+                    slot += 1
                 else:
                     logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
             else:
@@ -308,7 +367,7 @@ class GPT(nn.Module):
                 yield next_id
             if stop_token is not None and bool(done.all()):
                 return
-            if pad is not None and stop_token is not None and bool(done.any()):
+            if pad is not None and stop_token is not None and not static and bool(done.any()):
                 # a finished row would only burn compute until the longest answer ends: drop it
                 keep = ~done
                 active, idx, pad, done = active[keep], idx[keep], pad[keep], done[keep]

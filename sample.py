@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
+from model import DECODE_MODES
 from data_utils import UserError, pick_device, run_cli
 from tokenizer import CONSTRAINTS, make_constraint, render_prompt
 
@@ -162,6 +163,9 @@ def main():
     p.add_argument("--top_p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="auto")
+    p.add_argument("--decode", default="eager", choices=DECODE_MODES,
+                   help="decode steps: eager (a growing KV cache; best on a CPU), static (a fixed-shape cache), "
+                        "compiled (fixed shape under torch.compile: CUDA graphs on a GPU)")
     p.add_argument("--constrain", default="chars", choices=CONSTRAINTS,
                    help="chars: only valid UTF-8 made of characters seen in training or the prompt (default); "
                         "utf8: any valid character; off: raw tokens, stray bytes print as � (byte-level BPE laid bare)")
@@ -169,7 +173,7 @@ def main():
     if args.temperature < 0 or args.max_new_tokens < 1:
         raise UserError("--temperature must be >= 0 and --max_new_tokens >= 1")
 
-    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device))
+    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode)
     constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
     if args.chat and ckpt.get("kind") != "sft":
         print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "

@@ -7,6 +7,10 @@ time), greedy with the decoding constraint; the answers must be identical.
 
   python benchmarks/bench_generate.py --out_dir=out/tiny-sft --sft_data=data/sft
   python benchmarks/bench_generate.py --config=config/train_config.py   # random weights, 45M shape
+  python benchmarks/bench_generate.py --out_dir=out/sft --decode=eager,compiled --batch=32   # on a GPU
+
+--decode times each decode mode (model.decode_mode: eager, static, compiled) at batch 1
+and at --batch rows, and says whether its greedy tokens equal the eager ones.
 """
 import argparse
 import sys
@@ -25,11 +29,11 @@ from sample import answer, answer_batch, model_constraint  # noqa: E402
 from train import load_config  # noqa: E402
 
 
-def timed(model, idx, n, use_cache, device):
+def timed(model, idx, n, use_cache, device, **kwargs):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model.generate(idx, n, temperature=0, use_cache=use_cache)
+    out = model.generate(idx, n, temperature=0, use_cache=use_cache, **kwargs)
     sync()
     return out, time.perf_counter() - t0
 
@@ -44,6 +48,8 @@ def main():
     p.add_argument("--questions", type=int, default=40)
     p.add_argument("--gen_batch", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=96)
+    p.add_argument("--decode", help="comma-separated decode modes to time at batch 1 and --batch: eager, static, compiled")
+    p.add_argument("--batch", type=int, default=32, help="rows for --decode's batched figure")
     args = p.parse_args()
     device = pick_device(args.device)
     if args.out_dir:
@@ -65,8 +71,29 @@ def main():
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
     print(f"{name}: {model.num_params() / 1e6:.1f}M params, batch 1, {n} new tokens: "
           f"KV cache {n / t_cache:,.0f} tok/s, recompute {n / t_plain:,.0f} tok/s, speed-up x{t_plain / t_cache:.1f}")
+    if args.decode:
+        decode_modes(model, idx, n, args.decode.split(","), args.batch, device)
     if args.out_dir and args.sft_data:
         batched_vs_one_by_one(model, tok, ckpt, args)
+
+
+def decode_modes(model, idx, n, modes, batch, device):
+    """Tokens/s of each decode mode at batch 1 and at `batch` rows (different prompts, no
+    stop token, so every row writes n tokens), and whether its greedy tokens equal eager's."""
+    rows = torch.cat([idx, torch.randint(0, model.config.vocab_size, (batch - 1, idx.size(1)),
+                                         generator=torch.Generator().manual_seed(0)).to(device)])
+    want = {}
+    for mode in ["eager"] + [m for m in modes if m != "eager"]:
+        model.decode_mode = mode
+        line = []
+        for b in (1, batch):
+            timed(model, rows[:b], n, True, device)  # warm-up: compiles and captures the CUDA graph for this shape
+            out, t = timed(model, rows[:b], n, True, device)
+            same = "" if mode == "eager" else f", {int((out == want[b]).all(1).sum())}/{b} rows equal eager's"
+            want.setdefault(b, out)
+            line.append(f"batch {b}: {b * n / t:,.0f} tok/s ({t / n * 1000:.2f} ms/step{same})")
+        print(f"decode {mode}: " + "; ".join(line))
+    model.decode_mode = "eager"
 
 
 def batched_vs_one_by_one(model, tok, ckpt, args):

@@ -23,39 +23,68 @@ from tokenizer import GPT2, load_vocab_file  # noqa: E402
 from train import load_config, measure_peak_flops, pick_dtype  # noqa: E402
 
 
-def where_time_goes(step):
-    """One profiled step, its self time per op grouped into the parts that matter."""
+def where_time_goes(step, cuda=False):
+    """One profiled step: the time of each op (CPU: self time) or kernel (CUDA: GPU time)
+    grouped into the parts that matter; on CUDA also the share the GPU sat idle."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
         with record_function("step"):
+            t0 = time.perf_counter()
             step()
+            if cuda:
+                torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
     parts = defaultdict(float)
-    for e in prof.events():
-        names, parent = [], e.cpu_parent
-        while parent is not None:
-            names.append(parent.name)
-            parent = parent.cpu_parent
-        inside = " ".join(names)
-        matmul = e.name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
-        if e.name == "step":
-            continue
-        elif "Optimizer.step" in inside or e.name.startswith("Optimizer.step"):
-            part = "optimizer (AdamW)"
-        elif "LinearCrossEntropy" in inside or e.name == "LinearCrossEntropy":
-            part = "output layer + loss: matmuls" if matmul else "output layer + loss: softmax, indexing"
-        elif "log_softmax" in e.name or "nll_loss" in e.name or "cross_entropy" in e.name:
-            part = "output layer + loss: softmax, indexing"
-        elif matmul:
-            part = "other matmuls (attention/MLP projections, output layer without the fused loss)"
-        elif "scaled_dot_product" in e.name:
-            part = "attention (SDPA)"
-        else:
-            part = "everything else (LayerNorm, GELU, embeddings, residual adds, autograd)"
-        parts[part] += e.self_cpu_time_total / 1e6
+    if cuda:
+        for e in prof.key_averages():
+            if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0:
+                parts[gpu_part(e.key)] += e.self_device_time_total / 1e6
+        parts["GPU idle (launch gaps, host work)"] = max(0.0, wall - sum(parts.values()))
+    else:
+        for e in prof.events():
+            if e.name != "step":
+                parts[cpu_part(e)] += e.self_cpu_time_total / 1e6
     total = sum(parts.values())
     for part, t in sorted(parts.items(), key=lambda kv: -kv[1]):
-        print(f"    {t * 1000:8.0f} ms  {t / total * 100:5.1f}%  {part}")
-    print(f"    {total * 1000:8.0f} ms  100.0%  profiled step (the profiler adds a little)")
+        print(f"    {t * 1000:8.1f} ms  {t / total * 100:5.1f}%  {part}")
+    print(f"    {total * 1000:8.1f} ms  100.0%  one profiled step (the profiler adds a little)")
+
+
+def cpu_part(e):
+    inside, parent = [], e.cpu_parent
+    while parent is not None:
+        inside.append(parent.name)
+        parent = parent.cpu_parent
+    inside = " ".join(inside)
+    matmul = e.name in ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::baddbmm")
+    if "Optimizer.step" in inside or e.name.startswith("Optimizer.step"):
+        return "optimizer (AdamW)"
+    if "LinearCrossEntropy" in inside or e.name == "LinearCrossEntropy":
+        return "output layer + loss: matmuls" if matmul else "output layer + loss: softmax, indexing"
+    if "log_softmax" in e.name or "nll_loss" in e.name or "cross_entropy" in e.name:
+        return "output layer + loss: softmax, indexing"
+    if matmul:
+        return "other matmuls (attention/MLP projections, output layer without the fused loss)"
+    if "scaled_dot_product" in e.name:
+        return "attention (SDPA)"
+    return "everything else (LayerNorm, GELU, embeddings, residual adds, autograd)"
+
+
+def gpu_part(kernel):
+    k = kernel.lower()
+    if any(s in k for s in ("gemm", "cutlass", "cublas", "xmma", "nvjet", "matmul")):
+        return "matmuls (all layers and the output layer)"
+    if any(s in k for s in ("flash", "fmha", "attention")):
+        return "attention (SDPA)"
+    if any(s in k for s in ("adam", "foreach", "multi_tensor")):
+        return "optimizer (AdamW)"
+    if any(s in k for s in ("softmax", "nll", "cross_entropy")):
+        return "loss: softmax and cross-entropy kernels"
+    if "memcpy" in k or "memset" in k:
+        return "copies and fills"
+    return "other kernels (fused elementwise: LayerNorm, GELU, adds, casts)"
 
 
 def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=None):
@@ -100,8 +129,8 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
     mfu = model.flops_per_token() * tok_s / peak
     print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
           f"{dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
-    if profile and device_type == "cpu":
-        where_time_goes(step)
+    if profile:
+        where_time_goes(step, cuda=device_type == "cuda")
 
 
 def main():
@@ -111,7 +140,7 @@ def main():
     p.add_argument("--batch_size", type=int, help="override the config's batch size")
     p.add_argument("--block_size", type=int, help="override the config's block size")
     p.add_argument("--loss_chunk_rows", type=int, help="model.loss_chunk_rows; 0 = the plain full-logits loss")
-    p.add_argument("--profile", action="store_true", help="also print where one step's time goes (CPU)")
+    p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)

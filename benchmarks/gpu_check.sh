@@ -21,5 +21,6 @@ echo "== SFT from the pretrain"
 python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --max_iters=200 --out_dir="$OUT/sft"
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
 echo "== benchmarks"
-python3 benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=20
-python3 benchmarks/bench_generate.py --out_dir="$OUT/sft"
+python3 benchmarks/bench_train.py config/train_tiny_cpu.py --iters=20
+python3 benchmarks/bench_train.py config/train_config.py --iters=20 --profile     # MFU and where a step's time goes
+python3 benchmarks/bench_generate.py --out_dir="$OUT/sft" --decode=eager,static,compiled --batch=32

@@ -86,6 +86,52 @@ def test_kv_cache_generation_equals_recompute():
     assert torch.equal(s1, s2)
 
 
+def sharp(model):
+    """Larger weights than at init, so greedy choices are far from ties and a float
+    rounding difference between two equal computations cannot flip a token."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(8 if p.dim() > 1 else 1)
+    return model
+
+
+def test_static_decode_step_equals_the_growing_cache():
+    model = sharp(tiny())
+    prompts = torch.randint(0, 64, (3, 9))
+    pad = torch.tensor([0, 4, 7])  # left padding: rows of 9, 5 and 2 real tokens
+    eager = model.generate(prompts, 12, temperature=0, pad=pad)
+    cache = model.static_cache(3)
+    model(prompts, kv_cache=cache, pad=pad, last_logits_only=True)
+    context = prompts
+    for t in eager[:, 9:].T:  # each decode_step's logits equal a full recompute of the context so far
+        logits = model.decode_step(t[:, None], torch.tensor([cache.length]), pad)
+        cache.length += 1
+        context = torch.cat([context, t[:, None]], dim=1)
+        full, _ = model(context, pad=pad)
+        assert torch.allclose(logits, full[:, -1], atol=1e-4)
+    model.decode_mode = "static"
+    assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), eager)
+    one = torch.randint(0, 64, (1, 5))
+    model.decode_mode = "eager"
+    want = model.generate(one, 30, temperature=0)  # past block_size (24): the context is cropped and recomputed
+    model.decode_mode = "static"
+    assert torch.equal(model.generate(one, 30, temperature=0), want)
+    assert "k_cache" not in str(model.state_dict().keys())  # the buffers are not saved with the weights
+
+
+def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens():
+    """decode_mode "compiled" (torch.compile, mode="reduce-overhead": CUDA graphs on a GPU;
+    here inductor on the CPU): one compilation serves every step (a second one would fail),
+    and greedy tokens equal the eager path's, for a padded batch and for one row."""
+    model = sharp(tiny())
+    prompts, pad = torch.randint(0, 64, (3, 9)), torch.tensor([0, 4, 7])
+    want = model.generate(prompts, 12, temperature=0, pad=pad)
+    model.decode_mode = "compiled"
+    with torch._dynamo.config.patch(recompile_limit=1):
+        assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), want)
+        assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), want)  # the same graph again
+
+
 def test_generation_stops_at_stop_token():
     model = tiny()
     prompt = torch.zeros(1, 3, dtype=torch.long)

@@ -65,6 +65,9 @@ def test_sample_cli(tiny_runs):
     prompt.write_text("《静夜思》的作者是谁?", encoding="utf-8")
     chat = run_script("sample.py", f"--out_dir={sft}", "--chat", f"--start=FILE:{prompt}", "--max_new_tokens=10")
     assert chat.stderr == "" and chat.stdout.startswith("答:")
+    greedy = [run_script("sample.py", f"--out_dir={sft}", "--chat", "--start=你好", "--temperature=0",
+                         "--max_new_tokens=12", f"--decode={mode}").stdout for mode in ("eager", "static")]
+    assert greedy[0] == greedy[1] and len(greedy[0]) > 3
     missing = run_script("sample.py", f"--out_dir={sft / 'nope'}", check=False)
     assert missing.returncode == 1 and "checkpoint not found" in missing.stderr and "Traceback" not in missing.stderr
 
