@@ -3,11 +3,12 @@ Training throughput of a config: tokens/s and an MFU-style ratio (achieved FLOP/
 FLOP/s of a large matmul measured in the same run, same dtype).
 
   python benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=5
-  python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 --profile
+  python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 --loss_chunk_rows=512,0 --profile
 
 --profile adds where one step's time goes (torch.profiler, self time of each op, grouped).
 """
 import argparse
+import statistics
 import sys
 import time
 from collections import defaultdict
@@ -87,7 +88,10 @@ def gpu_part(kernel):
     return "other kernels (fused elementwise: LayerNorm, GELU, adds, casts)"
 
 
-def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=None):
+def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=(None,)):
+    """Steps of each loss_chunk_rows setting alternate (one at a time on the CPU, in blocks
+    of `iters` on a GPU), so a busy moment of a shared machine costs each the same; the
+    median is reported."""
     c = load_config([config_path])
     c["block_size"] = block_size or c["block_size"]
     torch.manual_seed(0)
@@ -96,8 +100,7 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         vocab = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[0].vocab_size
     model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                           vocab_size=vocab))
-    if loss_chunk_rows is not None:
-        model.loss_chunk_rows = loss_chunk_rows
+    default_rows = model.loss_chunk_rows
     model.to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
@@ -116,20 +119,38 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    for _ in range(2):  # warm-up (and compilation)
-        step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        step()
-    sync()
-    dt = (time.perf_counter() - t0) / iters
-    peak = measure_peak_flops(device, dtype)
-    tok_s = B * T / dt
-    mfu = model.flops_per_token() * tok_s / peak
-    print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
-          f"{dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
-    if profile:
+    variants = [default_rows if rows is None else rows for rows in loss_chunk_rows]
+    per_block, blocks = (1, iters) if device_type == "cpu" else (iters, 3)
+    times = {rows: [] for rows in variants}
+    peak = measure_peak_flops(device, dtype)  # before and after the steps; the higher one counts
+    for rows in variants:  # warm-up (and compilation)
+        model.loss_chunk_rows = rows
+        for _ in range(2):
+            step()
+    for _ in range(blocks):
+        for rows in variants:
+            model.loss_chunk_rows = rows
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(per_block):
+                step()
+            sync()
+            times[rows].append((time.perf_counter() - t0) / per_block)
+    peak = max(peak, measure_peak_flops(device, dtype))
+    for rows in variants:
+        dt = statistics.median(times[rows])
+        tok_s = B * T / dt
+        mfu = model.flops_per_token() * tok_s / peak
+        print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
+              f"loss_chunk_rows {rows}: {dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, "
+              f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
+    if len(variants) > 1:
+        base = statistics.median(times[variants[-1]])
+        print("  speed vs loss_chunk_rows " + f"{variants[-1]}: " +
+              ", ".join(f"{rows}: x{base / statistics.median(times[rows]):.2f}" for rows in variants[:-1]))
+    for rows in variants if profile else []:
+        model.loss_chunk_rows = rows
+        print(f"  where one step's time goes, loss_chunk_rows {rows}:")
         where_time_goes(step, cuda=device_type == "cuda")
 
 
@@ -139,7 +160,8 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--batch_size", type=int, help="override the config's batch size")
     p.add_argument("--block_size", type=int, help="override the config's block size")
-    p.add_argument("--loss_chunk_rows", type=int, help="model.loss_chunk_rows; 0 = the plain full-logits loss")
+    p.add_argument("--loss_chunk_rows", help="model.loss_chunk_rows, or several, comma-separated, to compare in "
+                                             "one run; 0 = the plain full-logits loss (default: the model's)")
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -147,7 +169,8 @@ def main():
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for cfg in args.configs:
-        bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile, args.loss_chunk_rows)
+        bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile,
+              [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None])
 
 
 if __name__ == "__main__":
