@@ -23,8 +23,8 @@ from tqdm import tqdm
 
 import visualize
 from checkpoint import find_checkpoint, load_model
-from model import DECODE_MODES
 from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
+from model import DECODE_MODES
 from sample import answer_batch, model_constraint, model_template
 from tokenizer import CONSTRAINTS, EOT, GPT2
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_model
-from model import DECODE_MODES
 from data_utils import UserError, pick_device, run_cli
+from model import DECODE_MODES
 from tokenizer import CONSTRAINTS, make_constraint, render_prompt
 
 

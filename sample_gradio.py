@@ -13,12 +13,14 @@ page or through the API; any other path gets a note and nothing is opened. At mo
 import argparse
 import threading
 from collections import OrderedDict
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
 from checkpoint import load_model
 from data_utils import UserError, pick_device, read_jsonl, run_cli
+from model import DECODE_MODES
 from sample import answer, chat_prompt, model_constraint, model_template
 from tokenizer import CONSTRAINTS
 
@@ -97,8 +99,8 @@ def dialogue(history):
     return out
 
 
-def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2):
-    models = Models(out_dirs, device, max_models)
+def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
+    models = Models(out_dirs, device, max_models, load=partial(load_model, decode_mode=decode_mode))
     choices = out_dirs
 
     def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars"):
@@ -183,13 +185,14 @@ def main():
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--device", default="auto")
     p.add_argument("--max_models", type=int, default=2, help="models kept in memory at once (least recently used dropped)")
+    p.add_argument("--decode", default="eager", choices=DECODE_MODES, help="decode steps (sample.py --help)")
     args = p.parse_args()
     if args.max_models < 1:
         raise UserError("--max_models must be at least 1")
     out_dirs = find_checkpoints(*(args.out_dir or ["out"]))
     if not out_dirs:
         raise UserError(f"no checkpoints under {', '.join(args.out_dir or ['out'])}: train a model first (see README)")
-    app = build_app(out_dirs, args.sft_data, pick_device(args.device), args.max_models)
+    app = build_app(out_dirs, args.sft_data, pick_device(args.device), args.max_models, args.decode)
     app.launch(server_name=args.host, server_port=args.port, share=args.share)
 
 
