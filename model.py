@@ -2,8 +2,10 @@
 A decoder-only GPT in the style of nanoGPT: pre-LayerNorm blocks, causal attention through
 F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and scaled
 residual init. forward() takes an optional loss_mask (SFT) and optional segment ids
-(packed SFT blocks: attention and positions stay inside each sample); generate() and
-generate_stream() use a KV cache.
+(packed SFT blocks: attention and positions stay inside each sample); in fp32 its loss
+runs through LinearCrossEntropy (chunked, the full logits never held). generate() and
+generate_stream() use a KV cache: one that grows, or (decode_mode) a fixed-shape one that
+decode_step fills, compiled to a CUDA graph per step on a GPU.
 """
 import math
 from dataclasses import dataclass
@@ -274,7 +276,8 @@ class GPT(nn.Module):
 
     def static_cache(self, batch_size):
         """A KVCache over fixed-shape buffers in every attention layer, made once per batch
-        size, dtype and device and then reused, as CUDA graphs need."""
+        size, dtype and device and then reused, as CUDA graphs need. They belong to the
+        model, so it runs one static generation at a time (sample_gradio queues users)."""
         c, w = self.config, self.lm_head.weight
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
         for block in self.transformer.h:
@@ -337,7 +340,7 @@ class GPT(nn.Module):
                     cache = (self.static_cache(B) if static
                              else KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype))
                     logits, _ = self(idx, kv_cache=cache, last_logits_only=True, pad=pad)
-                    slot = torch.tensor([cache.length], device=idx.device)
+                    slot = torch.tensor([cache.length], device=idx.device) if static else None
                 elif static:
                     if self.decode_mode == "compiled" and idx.is_cuda:
                         torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are no longer needed
