@@ -29,11 +29,11 @@ from sample import answer, answer_batch, model_constraint  # noqa: E402
 from train import load_config  # noqa: E402
 
 
-def timed(model, idx, n, use_cache, device, **kwargs):
+def timed(model, idx, n, use_cache, device):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model.generate(idx, n, temperature=0, use_cache=use_cache, **kwargs)
+    out = model.generate(idx, n, temperature=0, use_cache=use_cache)
     sync()
     return out, time.perf_counter() - t0
 

@@ -122,7 +122,7 @@ def test_static_decode_step_equals_the_growing_cache():
 def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens():
     """decode_mode "compiled" (torch.compile, mode="reduce-overhead": CUDA graphs on a GPU;
     here inductor on the CPU): one compilation serves every step (a second one would fail),
-    and greedy tokens equal the eager path's, for a padded batch and for one row."""
+    and greedy tokens equal the eager path's, for a padded batch."""
     model = sharp(tiny())
     prompts, pad = torch.randint(0, 64, (3, 9)), torch.tensor([0, 4, 7])
     want = model.generate(prompts, 12, temperature=0, pad=pad)
