@@ -147,41 +147,51 @@ class LinearCrossEntropy(torch.autograd.Function):
     (softmax - one-hot) becomes the gradients of x and weight right away, in forward.
     Same three matmuls as the plain path, but the logits are written once and read twice
     instead of going through log_softmax, nll_loss and their backward passes, which on a
-    CPU cost a sixth of a 45M-model step (benchmarks/README.md)."""
+    CPU cost a sixth of a 45M-model step (benchmarks/README.md).
+    compute_dtype (autocast's bf16/fp16): the matmuls run in it, the softmax and the loss in
+    fp32. No data-dependent branch, so torch.compile traces it whole."""
 
     @staticmethod
-    def forward(ctx, x, weight, targets, chunk_rows):
+    def forward(ctx, x, weight, targets, chunk_rows, compute_dtype=None):
+        low = compute_dtype is not None and compute_dtype != x.dtype
+        xl, wl = (x.to(compute_dtype), weight.to(compute_dtype)) if low else (x, weight)
         valid = targets != -100
         count = valid.sum().clamp(min=1)
         grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         gx = torch.empty_like(x) if grads else None
         gw = None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
-        buf = torch.empty(min(chunk_rows, x.size(0)), weight.size(0), dtype=x.dtype, device=x.device)
+        buf = None if low else torch.empty(min(chunk_rows, x.size(0)), weight.size(0), dtype=x.dtype, device=x.device)
         for s in range(0, x.size(0), chunk_rows):
-            xc, tc, vc = x[s:s + chunk_rows], targets[s:s + chunk_rows].clamp(min=0), valid[s:s + chunk_rows]
+            xc, tc, vc = xl[s:s + chunk_rows], targets[s:s + chunk_rows].clamp(min=0), valid[s:s + chunk_rows]
             rows = torch.arange(xc.size(0), device=x.device)
-            logits = torch.mm(xc, weight.t(), out=buf[:xc.size(0)])  # one buffer: no fresh pages per chunk
-            target_logit = logits[rows, tc].float()
+            # fp32: one reused buffer, no fresh pages per chunk; low precision: fp32 logits for the softmax
+            logits = (xc @ wl.t()).float() if low else torch.mm(xc, wl.t(), out=buf[:xc.size(0)])
+            target_logit = logits[rows, tc]
             # softmax in place, in plain passes (torch.logsumexp plus exp allocates and reads more)
             top = logits.amax(dim=-1, keepdim=True)
             total_exp = logits.sub_(top).exp_().sum(dim=-1, keepdim=True)
-            lse = (top + total_exp.log()).squeeze(1).float()
+            lse = (top + total_exp.log()).squeeze(1)
             total += ((lse - target_logit) * vc).sum()
-            if grads:  # d(mean loss)/d(logits) = (softmax - one-hot) / count, 0 on ignored rows
-                probs = logits.div_(total_exp * count)
-                probs[rows, tc] -= 1 / count
-                if not bool(vc.all()):
-                    probs.mul_(vc[:, None])
-                gx[s:s + chunk_rows] = probs @ weight
-                gw = probs.t() @ xc if gw is None else gw.addmm_(probs.t(), xc)
-        ctx.save_for_backward(gx, gw)
+            if grads:  # (softmax - one-hot) on valid rows, 0 on ignored ones; / count in backward
+                probs = logits.mul_(vc[:, None] / total_exp)
+                probs[rows, tc] -= vc.float()
+                p = probs.to(compute_dtype) if low else probs  # fp16: magnitudes <= 1, no underflow from / count
+                gx[s:s + chunk_rows] = p @ wl
+                if gw is None:
+                    gw = (p.t() @ xc).to(weight.dtype)
+                elif low:
+                    gw += p.t() @ xc  # accumulated in fp32
+                else:
+                    gw.addmm_(p.t(), xc)
+        ctx.save_for_backward(gx, gw, count)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss):
-        gx, gw = ctx.saved_tensors
-        return gx * grad_loss, gw * grad_loss, None, None
+        gx, gw, count = ctx.saved_tensors
+        scale = grad_loss / count
+        return gx * scale, gw * scale, None, None, None
 
 
 class GPT(nn.Module):
@@ -250,11 +260,15 @@ class GPT(nn.Module):
             # (Under torch.compile the data-dependent shape would recompile: full path there.)
             keep = loss_mask.bool()
             x, targets, loss_mask = x[keep], targets[keep], None
-        if (targets is not None and self.loss_chunk_rows and x.dtype == torch.float32
-                and not torch.is_autocast_enabled(x.device.type) and not torch.compiler.is_compiling()):
-            # fp32 (the CPU default): the loss without the full logits, which come back None
+        if targets is not None and self.loss_chunk_rows:
+            # the loss without the full logits, which come back None
+            if loss_mask is not None:  # (under compile) untrained positions become ignored targets
+                targets = targets.masked_fill(loss_mask == 0, -100)
+            dev = x.device.type
+            low = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
             flat = x.reshape(-1, x.size(-1))
-            return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1), self.loss_chunk_rows)
+            return None, LinearCrossEntropy.apply(flat, self.lm_head.weight, targets.reshape(-1),
+                                                  self.loss_chunk_rows, low)
         logits = self.lm_head(x)
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return logits, loss

@@ -4,6 +4,7 @@ FLOP/s of a large matmul measured in the same run, same dtype).
 
   python benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=5
   python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 --loss_chunk_rows=512,0 --profile
+  python benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,1024,0 --profile  # GPU
 
 --profile adds where one step's time goes (torch.profiler, self time of each op, grouped).
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import GPT2, load_vocab_file  # noqa: E402
-from train import load_config, measure_peak_flops, pick_dtype  # noqa: E402
+from train import load_config, measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
 
 
 def where_time_goes(step, cuda=False):
@@ -88,7 +89,8 @@ def gpu_part(kernel):
     return "other kernels (fused elementwise: LayerNorm, GELU, adds, casts)"
 
 
-def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=(None,)):
+def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=(None,),
+          compile="auto", compile_mode="default"):
     """Steps of each loss_chunk_rows setting alternate (one at a time on the CPU, in blocks
     of `iters` on a GPU), so a busy moment of a shared machine costs each the same; the
     median is reported."""
@@ -100,13 +102,14 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         vocab = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[0].vocab_size
     model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                           vocab_size=vocab))
-    default_rows = model.loss_chunk_rows
     model.to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
+    default_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], device_type)  # what train.py would use
     dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
     amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
     opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
-    step_model = torch.compile(model) if device_type == "cuda" else model
+    use_compile = device_type == "cuda" if compile == "auto" else compile == "1"
+    step_model = torch.compile(model, mode=compile_mode) if use_compile else model
     B, T = batch_size or c["batch_size"], c["block_size"]
     x = torch.randint(0, vocab, (B, T), device=device)
     y = torch.randint(0, vocab, (B, T), device=device)
@@ -142,6 +145,7 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         tok_s = B * T / dt
         mfu = model.flops_per_token() * tok_s / peak
         print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
+              f"{f'compile ({compile_mode})' if use_compile else 'eager'}, "
               f"loss_chunk_rows {rows}: {dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, "
               f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
     if len(variants) > 1:
@@ -162,6 +166,8 @@ def main():
     p.add_argument("--block_size", type=int, help="override the config's block size")
     p.add_argument("--loss_chunk_rows", help="model.loss_chunk_rows, or several, comma-separated, to compare in "
                                              "one run; 0 = the plain full-logits loss (default: the model's)")
+    p.add_argument("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile ('auto': on CUDA)")
+    p.add_argument("--compile_mode", default="default", help="torch.compile's mode, e.g. max-autotune")
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
@@ -170,7 +176,8 @@ def main():
           f"{torch.get_num_threads()} CPU threads")
     for cfg in args.configs:
         bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile,
-              [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None])
+              [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None],
+              args.compile, args.compile_mode)
 
 
 if __name__ == "__main__":

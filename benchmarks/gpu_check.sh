@@ -22,5 +22,13 @@ python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --max_
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
 echo "== benchmarks"
 python3 benchmarks/bench_train.py config/train_tiny_cpu.py --iters=20
-python3 benchmarks/bench_train.py config/train_config.py --iters=20 --profile     # MFU and where a step's time goes
+# MFU and where a step's time goes: the chunked loss (model.LinearCrossEntropy, bf16 matmuls,
+# fp32 softmax) at two chunk sizes against the plain loss (0, the CUDA default so far), then
+# the compile mode that autotunes the matmuls
+python3 benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,1024,0 --profile
+python3 benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,0 \
+  --compile_mode=max-autotune-no-cudagraphs
+echo "== 45M pretrain with the chunked loss: the val loss should track the plain run above"
+python3 train.py config/train_config.py --max_iters=${ITERS:-300} --eval_interval=100 --loss_chunk_rows=4096 \
+  --out_dir="$OUT/pretrain-chunked"
 python3 benchmarks/bench_generate.py --out_dir="$OUT/sft" --decode=eager,static,compiled --batch=32

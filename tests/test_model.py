@@ -65,6 +65,52 @@ def test_model_chunked_loss_trains_like_the_full_logits():
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_linear_cross_entropy_under_autocast_matches_the_plain_autocast_loss():
+    """bf16/fp16 matmuls (what autocast gives the plain path) with an fp32 softmax: the same
+    loss and gradients as the plain loss under autocast, to that precision, and gradients
+    in the parameters' own dtype."""
+    torch.manual_seed(0)
+    x, w = torch.randn(70, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (70,))
+    targets[::9] = -100
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            (3 * F.cross_entropy((x @ w.t()).float(), targets)).backward()
+        want = x.grad.clone(), w.grad.clone()
+        x.grad = w.grad = None
+        with torch.autocast("cpu", dtype=dtype):
+            loss = LinearCrossEntropy.apply(x, w, targets, 16, dtype)
+        (3 * loss).backward()
+        assert loss.dtype == x.grad.dtype == w.grad.dtype == torch.float32
+        assert abs(loss.item() - F.cross_entropy(x.detach() @ w.detach().t(), targets).item()) < 0.02
+        for got, ref in zip((x.grad, w.grad), want):
+            assert (got - ref).abs().max() < 0.02 * ref.abs().max(), dtype
+        assert not x.grad[::9].any()
+        x.grad = w.grad = None
+
+
+def test_chunked_loss_compiles_whole_and_trains_like_eager():
+    """Under torch.compile(fullgraph=True), in fp32 and under bf16 autocast (the GPU's
+    training setting), the chunked loss traces without a graph break (an SFT mask included:
+    untrained positions become ignored targets there) and gives the eager plain loss's value
+    and gradients (to bf16 precision under autocast)."""
+    x, y = torch.randint(0, 64, (3, 24)), torch.randint(0, 64, (3, 24))
+    mask = (torch.rand(3, 24, generator=torch.Generator().manual_seed(0)) > 0.6).long()
+    for dtype, tol in ((None, 1e-6), (torch.bfloat16, 0.03)):
+        runs = []
+        for rows, wrap in ((0, lambda m: m), (16, lambda m: torch.compile(m, fullgraph=True))):
+            model = tiny().train()
+            model.loss_chunk_rows = rows
+            with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+                _, loss = wrap(model)(x, y, mask)
+            loss.backward()
+            runs.append((loss.detach(), [p.grad for p in model.parameters()]))
+        torch._dynamo.reset()
+        assert torch.allclose(runs[0][0], runs[1][0], atol=1e-6 if dtype is None else 1e-3)
+        for a, b in zip(runs[0][1], runs[1][1]):
+            assert (a - b).abs().max() <= tol * b.abs().max(), dtype
+
+
 def test_model_loss_mask_path_equals_full_logits():
     model = tiny()
     x, y = torch.randint(0, 64, (3, 24)), torch.randint(0, 64, (3, 24))
