@@ -148,12 +148,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     Same three matmuls as the plain path, but the logits are written once and read twice
     instead of going through log_softmax, nll_loss and their backward passes, which on a
     CPU cost a sixth of a 45M-model step (benchmarks/README.md).
-    compute_dtype (autocast's bf16/fp16): the matmuls run in it, the softmax and the loss in
-    fp32. No data-dependent branch, so torch.compile traces it whole."""
+    compute_dtype (autocast's bf16/fp16; default x's dtype): the matmuls run in it, the
+    softmax, the loss and the weight gradient's sum in fp32. No data-dependent branch, so
+    torch.compile traces it whole."""
 
     @staticmethod
     def forward(ctx, x, weight, targets, chunk_rows, compute_dtype=None):
-        low = compute_dtype is not None and compute_dtype != x.dtype
+        compute_dtype = compute_dtype or x.dtype
+        low = compute_dtype != torch.float32
         xl, wl = (x.to(compute_dtype), weight.to(compute_dtype)) if low else (x, weight)
         valid = targets != -100
         count = valid.sum().clamp(min=1)
@@ -179,12 +181,12 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p = probs.to(compute_dtype) if low else probs  # fp16: magnitudes <= 1, no underflow from / count
                 gx[s:s + chunk_rows] = p @ wl
                 if gw is None:
-                    gw = (p.t() @ xc).to(weight.dtype)
+                    gw = (p.t() @ xc).float()
                 elif low:
                     gw += p.t() @ xc  # accumulated in fp32
                 else:
                     gw.addmm_(p.t(), xc)
-        ctx.save_for_backward(gx, gw, count)
+        ctx.save_for_backward(gx, None if gw is None else gw.to(weight.dtype), count)
         return total / count
 
     @staticmethod

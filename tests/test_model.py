@@ -87,6 +87,12 @@ def test_linear_cross_entropy_under_autocast_matches_the_plain_autocast_loss():
             assert (got - ref).abs().max() < 0.02 * ref.abs().max(), dtype
         assert not x.grad[::9].any()
         x.grad = w.grad = None
+    # a model cast to bf16 (no autocast): its softmax still runs in fp32
+    xb, wb = x.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss = LinearCrossEntropy.apply(xb, wb, targets, 16)
+    loss.backward()
+    assert xb.grad.dtype == wb.grad.dtype == torch.bfloat16
+    assert abs(loss.item() - F.cross_entropy(xb.float() @ wb.float().t(), targets).item()) < 0.02
 
 
 def test_chunked_loss_compiles_whole_and_trains_like_eager():
