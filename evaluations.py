@@ -174,7 +174,7 @@ def evaluate(path, args, device, questions):
     # greedy, gen_batch rows at a time, finished rows refilled: the same answers as one by one, faster
     print(f"answering {len(questions)} questions with {Path(path).name} ...", flush=True)
     preds = answer_batch(model, tok, [q for q, _ in questions], constraint=constraint, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.gen_batch, template=model_template(ckpt))
+                         batch_size=args.gen_batch, template=result["template"])
     refs = [a for _, a in questions]
     if questions:
         result.update(

@@ -2,10 +2,10 @@
 A decoder-only GPT in the style of nanoGPT: pre-LayerNorm blocks, causal attention through
 F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and scaled
 residual init. forward() takes an optional loss_mask (SFT) and optional segment ids
-(packed SFT blocks: attention and positions stay inside each sample); in fp32 its loss
-runs through LinearCrossEntropy (chunked, the full logits never held). generate() and
-generate_stream() use a KV cache: one that grows, or (decode_mode) a fixed-shape one that
-decode_step fills, compiled to a CUDA graph per step on a GPU.
+(packed SFT blocks: attention and positions stay inside each sample); with loss_chunk_rows
+set, its loss runs through LinearCrossEntropy (chunked, the full logits never held).
+generate() and generate_stream() use a KV cache: one that grows, or (decode_mode) a
+fixed-shape one that decode_step fills, compiled to a CUDA graph per step on a GPU.
 """
 import math
 from dataclasses import dataclass

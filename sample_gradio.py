@@ -133,15 +133,16 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
         past = dialogue(history)
         gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
                    top_p=float(top_p))
+        template = model_template(meta)
         try:
-            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], model_template(meta))
+            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], template)
         except ValueError as e:
             yield note(str(e))
             return
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         # whole characters only: the streamed pieces never hold half a character
         for piece in answer(model, tok, past, question, constraint=model_constraint(tok, meta, constrain),
-                            template=model_template(meta), **gen):
+                            template=template, **gen):
             history[-1]["content"] += piece
             yield history, ""
         if not history[-1]["content"]:

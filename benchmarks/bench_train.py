@@ -165,7 +165,7 @@ def main():
     p.add_argument("--batch_size", type=int, help="override the config's batch size")
     p.add_argument("--block_size", type=int, help="override the config's block size")
     p.add_argument("--loss_chunk_rows", help="model.loss_chunk_rows, or several, comma-separated, to compare in "
-                                             "one run; 0 = the plain full-logits loss (default: the model's)")
+                                             "one run; 0 = the plain full-logits loss (default: train.py's 'auto')")
     p.add_argument("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile ('auto': on CUDA)")
     p.add_argument("--compile_mode", default="default", help="torch.compile's mode, e.g. max-autotune")
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
