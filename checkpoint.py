@@ -5,9 +5,10 @@ and read with torch.load(weights_only=True), which never runs code from the file
 out_dir/ckpt.pt  the latest full training state (model, optimizer, RNG states, ...): resume
 out_dir/best.pt  the weights with the best validation loss: sampling and evaluation
 
-Every checkpoint carries the model's vocabulary ("vocab": None for full GPT-2, else the
-GPT-2 ids of its trimmed vocabulary) and the characters of its training text ("chars",
-for the decoding constraint), so whatever loads a model turns text into ids its way.
+Every checkpoint carries the model's vocabulary ("vocab": None for full GPT-2, the GPT-2
+ids of a trimmed vocabulary, or a trained BPE's ranks; "tokenizer_sha256" the hash of the
+ranks) and the characters of its training text ("chars", for the decoding constraint),
+so whatever loads a model turns text into ids its way.
 """
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from data_utils import UserError, atomic_write
 from model import GPT, GPTConfig
-from tokenizer import VOCAB_SHA256, tokenizer_from_state
+from tokenizer import tokenizer_from_state
 
 REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
 
@@ -37,9 +38,10 @@ def load_checkpoint(path, map_location="cpu"):
     missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
-    if ckpt["tokenizer_sha256"] != VOCAB_SHA256:
-        raise UserError(f"{path}: trained with a different tokenizer (sha256 {ckpt['tokenizer_sha256'][:12]}…)")
     tok = checkpoint_tokenizer(ckpt)
+    if ckpt["tokenizer_sha256"] != tok.sha256:
+        raise UserError(f"{path}: trained with a different tokenizer (sha256 {str(ckpt['tokenizer_sha256'])[:12]}…, "
+                        f"its vocabulary hashes to {tok.sha256[:12]}…)")
     if ckpt["model_args"].get("vocab_size") != tok.vocab_size:
         raise UserError(f"{path}: its model has {ckpt['model_args'].get('vocab_size')} output slots but its "
                         f"vocabulary {tok.name} needs {tok.vocab_size}")
@@ -50,8 +52,8 @@ def checkpoint_tokenizer(ckpt):
     """The model's own tokenizer (older checkpoints without 'vocab' used full GPT-2)."""
     try:
         return tokenizer_from_state(ckpt.get("vocab"))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"checkpoint vocabulary is not a list of GPT-2 ids ({e})") from None
+    except (ValueError, TypeError, KeyError) as e:
+        raise UserError(f"checkpoint vocabulary is not a GPT-2 id list or a BPE ({e})") from None
 
 
 def model_from_checkpoint(ckpt):

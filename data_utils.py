@@ -128,21 +128,25 @@ class Batches:
 
 
 class PretrainData(Batches):
-    """GPT-2 token ids in data_dir/{train,val}.bin (uint16); a row is a random window of
-    block_size + 1 tokens, x = window[:-1], y = window[1:], mapped into the model's
-    vocabulary (a lookup table: a trimmed vocabulary holds every id of its corpus)."""
+    """Token ids of the data folder's text in uint16 files, a row a random window of
+    block_size + 1 tokens, x = window[:-1], y = window[1:]. {split}.bin hold GPT-2 ids:
+    the full and the trimmed vocabulary read those (mapped through a lookup table: a trimmed
+    vocabulary holds every id of its corpus); {split}.bpe-N.bin hold the ids of the folder's
+    trained BPE (bpe-N.json), which prepare.py trained on the train split only."""
 
     def __init__(self, data_dir, block_size, tok):
         self.data_dir, self.block_size, self.tok = Path(data_dir), block_size, tok
-        for split in ("train", "val"):
-            require_file(self.data_dir / f"{split}.bin", "run data/prepare.py first")
+        meta = self.data_dir / "meta.json"
+        self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        self.files = {split: tok.token_file(self.data_dir, split) for split in ("train", "val")}
+        for split, path in self.files.items():
+            require_file(path, "run data/prepare.py first" + (f" with --bpe_vocab_size {tok.size}" if tok.kind == "bpe" else ""))
             if self.num_tokens(split) <= block_size + 1:
-                raise UserError(f"{self.data_dir / f'{split}.bin'} holds {self.num_tokens(split)} tokens, "
-                                f"too few for block_size {block_size}")
+                raise UserError(f"{path} holds {self.num_tokens(split)} tokens, too few for block_size {block_size}")
         vocab_file = self.data_dir / "vocab.json"
         vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file.exists() else {}
         self.chars = vocab.get("chars")  # the corpus's characters (prepare.py), for the decoding constraint
-        if tok.trimmed:
+        if tok.kind == "trimmed":
             require_file(vocab_file, "re-run data/prepare.py (it writes the corpus's vocabulary)")
             used = vocab["gpt2_ids"]
             missing = int((tok.to_model[np.asarray(used, dtype=np.int64)] < 0).sum()) if used is not None else -1
@@ -150,8 +154,12 @@ class PretrainData(Batches):
                 raise UserError(f"{self.data_dir} uses {'GPT-2 tokens' if missing < 0 else f'{missing} GPT-2 tokens'} "
                                 f"that the model's trimmed vocabulary ({tok.name}) lacks: it was trimmed to another "
                                 f"corpus; pretrain with vocab='trimmed' on this data_dir instead")
-        meta = self.data_dir / "meta.json"
-        self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
+        if tok.kind == "bpe":
+            stored = self.meta.get("vocabularies", {}).get(tok.tag, {}).get("name")
+            if stored != tok.name:
+                raise UserError(f"{self.files['train']} was written with the BPE {stored} but the model uses {tok.name}: "
+                                f"a BPE is trained per corpus; re-run data/prepare.py, or pretrain with vocab='bpe' "
+                                f"on this data_dir")
 
     def bits_per_char(self, split, nats_per_token):
         """Mean nats per token → bits per character of the split's text (None if prepare.py
@@ -163,18 +171,22 @@ class PretrainData(Batches):
     def _memmap(self, split):
         # reopened on every call: a long-lived np.memmap keeps every page it touched
         # mapped, and memory grows over a long run (the leak nanoGPT works around)
-        return np.memmap(self.data_dir / f"{split}.bin", dtype=np.uint16, mode="r")
+        return np.memmap(self.files[split], dtype=np.uint16, mode="r")
 
     def num_tokens(self, split):
-        return os.path.getsize(self.data_dir / f"{split}.bin") // 2
+        return os.path.getsize(self.files[split]) // 2
+
+    def tokens(self, split):
+        """All of a split's tokens in the model's ids (numpy int64)."""
+        return self.tok.from_file_ids(np.fromfile(self.files[split], dtype=np.uint16))
 
     def sample_rows(self, split, n, generator):
         return torch.randint(self.num_tokens(split) - self.block_size, (n,), generator=generator)
 
     def load(self, split, rows, device):
         data = self._memmap(split)
-        windows = np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()]).astype(np.int64)
-        windows = torch.from_numpy(self.tok.to_model[windows] if self.tok.trimmed else windows)
+        windows = np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()])
+        windows = torch.from_numpy(self.tok.from_file_ids(windows))
         return to_device(dict(x=windows[:, :-1], y=windows[:, 1:]), device)
 
 
@@ -240,7 +252,7 @@ def open_data(data_dir, block_size, tok):
     """SFT data if the folder holds sft_train.bin, else pretraining data; ids in tok's vocabulary."""
     if (Path(data_dir) / "sft_train.bin").exists():
         return SFTData(data_dir, block_size, tok)
-    if not (Path(data_dir) / "train.bin").exists():
+    if not (Path(data_dir) / "meta.json").exists():
         raise UserError(f"{data_dir}: no prepared data (train.bin from data/prepare.py, or sft_train.bin from "
                         f"data/prepare_sft.py)")
     return PretrainData(data_dir, block_size, tok)

@@ -3,14 +3,15 @@ Evaluate a checkpoint: pretraining val loss, perplexity and bits per character, 
 answer-token loss, and on the held-out SFT questions, generated answers scored against
 the references: character-level exact match, F1 and ROUGE-L (per question type too),
 BLEU and chrF by sacrebleu (tokenize='zh', 0-100, comparable with published figures),
-plus distinct-1/2 and the number of answers holding U+FFFD. Prints a table,
-writes JSON and a run report (report.md with the loss plots) for coursework.
+plus distinct-1/2 and the number of answers holding U+FFFD. The answers are decoded twice:
+with the default decoding (what sample.py and the Gradio page give a user; the top-level
+figures) and greedy (under "greedy"). Prints a table, writes JSON and a run report
+(report.md with the loss plots) for coursework.
 
   python evaluations.py --out_dir=out/tiny-sft
   python evaluations.py --out_dir=out/tiny-sft --compare=out/tiny-pretrain   # side by side
 """
 import argparse
-import json
 import math
 import time
 from collections import Counter
@@ -23,10 +24,12 @@ from tqdm import tqdm
 
 import visualize
 from checkpoint import find_checkpoint, load_model
-from data_utils import SFTData, atomic_write, pick_device, read_jsonl, run_cli, write_json
+from constraint import CONSTRAINTS
+from data_utils import PretrainData, SFTData, UserError, pick_device, read_jsonl, run_cli, write_json
+from generation import (GREEDY, add_decoding_flags, answer_batch, decoding_from_flags, model_constraint,
+                        model_template)
 from model import DECODE_MODES
-from sample import answer_batch, model_constraint, model_template
-from tokenizer import CONSTRAINTS, EOT, GPT2
+from report import GREEDY_METRICS, METRICS, decoding_label, fmt, run_dir, write_report
 
 
 # ------------------------------------------------------------------ metrics (character level)
@@ -92,26 +95,20 @@ def distinct_n(texts, n):
 
 
 # ------------------------------------------------------------------ losses
-def val_characters(data_dir, gpt2_ids):
-    """Characters of the val text, <|endoftext|> separators not counted (prepare.py records it)."""
-    meta = Path(data_dir) / "meta.json"
-    if meta.exists() and "val_chars" in (m := json.loads(meta.read_text(encoding="utf-8"))):
-        return m["val_chars"]
-    return len(GPT2.decode(gpt2_ids[gpt2_ids != EOT]))
-
-
 @torch.no_grad()
 def pretrain_loss(model, tok, data_dir, batch_size, max_batches, device):
     """(mean nats per token, bits per character) over consecutive non-overlapping windows of
-    val.bin (all of it, up to max_batches), in the model's own vocabulary. Bits per
-    character = mean nats per token × the val text's tokens / its characters / ln 2: the
-    total information over the text per character, which compares across vocabularies."""
-    path = Path(data_dir) / "val.bin"
-    if not path.exists():
-        return None, None
+    the val split (all of it, up to max_batches), in the model's own vocabulary and token
+    files. Bits per character = mean nats per token × the val text's tokens / its characters
+    / ln 2: the total information over the text per character, which compares across
+    vocabularies. (None, None) with a note when data_dir holds no val text for this model."""
     T = model.config.block_size
-    gpt2_ids = np.fromfile(path, dtype=np.uint16).astype(np.int64)
-    data = tok.from_gpt2(gpt2_ids)
+    try:
+        val = PretrainData(data_dir, T, tok)
+    except UserError as e:
+        print(f"note: pretraining loss skipped: {e}")
+        return None, None
+    data = val.tokens("val")
     starts = list(range(0, len(data) - T - 1, T))[:batch_size * max_batches]
     total, count = 0.0, 0
     for i in tqdm(range(0, len(starts), batch_size), desc="pretrain val loss", leave=False):
@@ -121,7 +118,8 @@ def pretrain_loss(model, tok, data_dir, batch_size, max_batches, device):
     if not count:
         return None, None
     nats = total / count
-    return nats, nats * len(data) / val_characters(data_dir, gpt2_ids) / math.log(2)
+    chars = val.meta.get("val_chars") or len(tok.decode(data[data != tok.eot]))
+    return nats, nats * len(data) / chars / math.log(2)
 
 
 @torch.no_grad()
@@ -140,15 +138,16 @@ def sft_loss(model, tok, data_dir, batch_size, max_batches, device):
     return total / count if count else None
 
 
-def held_out_questions(data_dir, limit):
-    """Single-turn (question, answer) pairs of the SFT validation split."""
+def held_out_questions(data_dir, limit, skip=0):
+    """Single-turn (question, answer) pairs of the SFT validation split: the first `limit`
+    (the scored ones), or with skip, those after the first `skip` (dev questions)."""
     path = Path(data_dir) / "sft_val.jsonl"
     if not path.exists():
         return []
     records, _ = read_jsonl(path)
     pairs = [(c["messages"][0]["content"], c["messages"][1]["content"]) for _, c in records
              if len(c["messages"]) == 2 and c["messages"][0]["role"] == "user"]
-    return pairs[:limit]
+    return pairs[skip:skip + limit]
 
 
 def question_type(q):
@@ -159,11 +158,24 @@ def question_type(q):
     return "dialogue"
 
 
-def evaluate(path, args, device, questions):
+def answer_metrics(preds, questions):
+    """Scores of answers against the references, overall and per question type."""
+    refs, kinds = [a for _, a in questions], [question_type(q) for q, _ in questions]
+    mean = lambda f, keep=lambda k: True: float(np.mean([f(p, r) for p, r, k in zip(preds, refs, kinds) if keep(k)]))  # noqa: E731
+    return dict(exact_match=mean(exact_match), char_f1=mean(char_f1), rouge_l=mean(rouge_l),
+                bleu=corpus_bleu(preds, refs), chrf=corpus_chrf(preds, refs),
+                distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
+                answers_with_fffd=sum("\ufffd" in p for p in preds),
+                by_type={k: {"questions": kinds.count(k), "exact_match": mean(exact_match, lambda t: t == k),
+                             "char_f1": mean(char_f1, lambda t: t == k)} for k in sorted(set(kinds))})
+
+
+def evaluate(path, args, device, questions, decoding):
+    """(metrics, default-decoding answers, greedy answers) of one checkpoint."""
     model, tok, ckpt = load_model(path, device, args.decode)
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
               "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
-              "template": model_template(ckpt),
+              "template": model_template(ckpt), "decoding": decoding,
               "model_args": ckpt["model_args"], "config": ckpt.get("config") or {}}
     loss, bpc = pretrain_loss(model, tok, args.pretrain_data, args.batch_size, args.max_batches, device)
     result["pretrain_val_loss"] = loss
@@ -171,114 +183,24 @@ def evaluate(path, args, device, questions):
     result["pretrain_val_bpc"] = bpc
     result["sft_answer_loss"] = sft_loss(model, tok, args.sft_data, args.batch_size, args.max_batches, device)
     constraint = model_constraint(tok, ckpt, args.constrain)
-    # greedy, gen_batch rows at a time, finished rows refilled: the same answers as one by one, faster
+    # gen_batch rows at a time, finished rows refilled: the same answers as one by one, faster
     print(f"answering {len(questions)} questions with {Path(path).name} ...", flush=True)
-    preds = answer_batch(model, tok, [q for q, _ in questions], constraint=constraint, max_new_tokens=args.max_new_tokens,
-                         batch_size=args.gen_batch, template=result["template"])
-    refs = [a for _, a in questions]
+    ask = lambda d: answer_batch(model, tok, [q for q, _ in questions], constraint=constraint,  # noqa: E731
+                                 max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                                 template=result["template"], seed=args.seed, **d)
+    preds = ask(decoding)
+    greedy = preds if decoding == GREEDY else ask(GREEDY)
     if questions:
-        result.update(
-            exact_match=float(np.mean([exact_match(p, r) for p, r in zip(preds, refs)])),
-            char_f1=float(np.mean([char_f1(p, r) for p, r in zip(preds, refs)])),
-            rouge_l=float(np.mean([rouge_l(p, r) for p, r in zip(preds, refs)])),
-            bleu=corpus_bleu(preds, refs), chrf=corpus_chrf(preds, refs),
-            distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
-            answers_with_fffd=sum("\ufffd" in p for p in preds))
-        kinds = [question_type(q) for q, _ in questions]
-        result["by_type"] = {k: {"questions": kinds.count(k),
-                                 "exact_match": float(np.mean([exact_match(p, r) for p, r, t in zip(preds, refs, kinds) if t == k])),
-                                 "char_f1": float(np.mean([char_f1(p, r) for p, r, t in zip(preds, refs, kinds) if t == k]))}
-                             for k in sorted(set(kinds))}
-    return result, preds
-
-
-METRICS = ["kind", "iter", "params_M", "vocab_size", "pretrain_val_loss", "pretrain_val_ppl", "pretrain_val_bpc",
-           "sft_answer_loss", "exact_match", "char_f1", "rouge_l", "bleu", "chrf", "distinct_1", "distinct_2",
-           "answers_with_fffd"]
-
-
-def fmt(v):
-    return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
-
-
-def run_dir(path):
-    path = Path(path)
-    return path if path.is_dir() else path.parent
-
-
-def training_summary(path):
-    """What the run's log.jsonl says: iterations, tokens trained, training wall time."""
-    log = run_dir(path) / "log.jsonl"
-    if not log.exists():
-        return {}
-    records = [json.loads(ln) for ln in log.read_text().splitlines() if ln.strip()]
-    train = [r for r in records if r["kind"] == "train"]
-    evals = [r for r in records if r["kind"] == "eval"]
-    last = (train or evals or [{}])[-1]
-    return {"iterations": last.get("iter"), "tokens": last.get("tokens"), "seconds": max((r["time"] for r in records), default=None),
-            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])) if train else None,
-            "first_val_loss": evals[0]["val_loss"] if evals else None, "last_val_loss": evals[-1]["val_loss"] if evals else None}
-
-
-def write_report(path, runs, questions, args, plots):
-    """report.md: what a student hands in. The config, size, data and cost of each run, the
-    loss plots, the evaluation table and sampled answers."""
-    names = list(runs)
-    lines = [f"# MiniGLM run report: {names[0]}", "",
-             f"Written by `evaluations.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{len(questions)} held-out questions, greedy decoding, constraint `{args.constrain}`.", "",
-             "## Runs", "", "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    summaries = {n: training_summary(n) for n in names}
-
-    def row(label, values):
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
-
-    row("kind", [str(runs[n][0]["kind"]) for n in names])
-    row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
-    row("layers × width, heads, context", [
-        f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (runs[n][0]["model_args"] for n in names)])
-    row("vocabulary", [f"{runs[n][0]['vocab']} ({runs[n][0]['vocab_size']:,} slots)" for n in names])
-    row("data", [f"`{runs[n][0]['config'].get('data_dir', '?')}`" for n in names])
-    row("iterations", [fmt(summaries[n].get("iterations")) for n in names])
-    row("tokens trained", [f"{summaries[n]['tokens']:,}" if summaries[n].get("tokens") else "-" for n in names])
-    row("training wall time", [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names])
-    row("median tokens/s", [f"{summaries[n]['tokens_per_s']:,.0f}" if summaries[n].get("tokens_per_s") else "-" for n in names])
-    row("val loss, first → last eval", [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}"
-                                        for n in names])
-    lines += ["", f"## Configuration of `{names[0]}`", "", "```python"]
-    lines += [f"{k} = {v!r}" for k, v in sorted(runs[names[0]][0]["config"].items())]
-    lines += ["```", ""]
-    if plots:
-        lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["## Evaluation", "", "| metric | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
-    for m in METRICS[3:]:
-        if any(runs[n][0].get(m) is not None for n in names):
-            row(m, [fmt(runs[n][0].get(m)) for n in names])
-    types = sorted({t for n in names for t in runs[n][0].get("by_type", {})})
-    if types:
-        lines += ["", "By question type (exact match / char F1):", "",
-                  "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
-        for t in types:
-            bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
-            lines.append(f"| {t} | {bt[0].get('questions', 0)} | "
-                         + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}" for b in bt) + " |")
-    lines += ["", "## Sampled answers", "", "(greedy; a line break in a poem is shown as ` / `)", ""]
-
-    def one_line(text):
-        return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
-
-    for i, (q, ref) in enumerate(questions[:args.report_answers]):
-        lines += [f"**问:** {one_line(q)}  ", f"**参考:** {one_line(ref)}  "]
-        lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in names]
-        lines.append("")
-    atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
+        result.update(answer_metrics(preds, questions))
+        result["greedy"] = answer_metrics(greedy, questions)
+    return result, preds, greedy
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="checkpoint (out_dir or .pt) to evaluate")
     p.add_argument("--compare", help="a second checkpoint (e.g. the pretrained one) to put beside it")
-    p.add_argument("--pretrain_data", default="data/fortunes-zh", help="folder with val.bin")
+    p.add_argument("--pretrain_data", default="data/fortunes-zh", help="folder with the val split's tokens")
     p.add_argument("--sft_data", default="data/sft", help="folder with sft_val.bin and sft_val.jsonl")
     p.add_argument("--questions", type=int, default=50, help="held-out questions to answer")
     p.add_argument("--max_new_tokens", type=int, default=96)
@@ -291,33 +213,37 @@ def main():
                                                      "loss plots beside it); 'none' to skip")
     p.add_argument("--report_answers", type=int, default=12, help="sampled answers in the report")
     p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="decoding constraint (see sample.py)")
+    add_decoding_flags(p)
+    p.add_argument("--seed", type=int, default=1337, help="for a sampled decoding (temperature > 0)")
     p.add_argument("--device", default="auto")
     p.add_argument("--decode", default="eager", choices=DECODE_MODES,
                    help="generation's decode steps (sample.py --help); compiled = CUDA graphs on a GPU")
     args = p.parse_args()
     device = pick_device(args.device)
+    decoding = decoding_from_flags(args)
     t0 = time.time()
     questions = held_out_questions(args.sft_data, args.questions)
     if not questions:
         print(f"note: no held-out questions in {args.sft_data}/sft_val.jsonl; generation metrics skipped")
-    runs = {args.out_dir: evaluate(args.out_dir, args, device, questions)}
+    runs = {args.out_dir: evaluate(args.out_dir, args, device, questions, decoding)}
     if args.compare:
-        runs[args.compare] = evaluate(args.compare, args, device, questions)
+        runs[args.compare] = evaluate(args.compare, args, device, questions, decoding)
 
     names = list(runs)
     width = max(22, *(len(n) + 2 for n in names))
-    print(f"\n{'metric':<18}" + "".join(f"{n:>{width}}" for n in names))
-    for m in METRICS:
-        cells = [runs[n][0].get(m) for n in names]
-        if all(c is None for c in cells):
-            continue
-        print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
+    print(f"\nanswers decoded with {decoding_label(decoding)} (the default); greedy below")
+    print(f"{'metric':<18}" + "".join(f"{n:>{width}}" for n in names))
+    rows = [(m, [runs[n][0].get(m) for n in names]) for m in METRICS]
+    rows += [(f"greedy {m}", [runs[n][0].get("greedy", {}).get(m) for n in names]) for m in GREEDY_METRICS]
+    for m, cells in rows:
+        if any(c is not None for c in cells):
+            print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
     for i, (q, ref) in enumerate(questions[:args.show]):
         print(f"\n问: {q}\n参考: {ref}")
         for n in names:
             print(f"[{Path(n).name}] 答: {runs[n][1][i]}")
-    out = {n: dict(runs[n][0], answers=[{"question": q, "reference": r, "answer": a}
-                                        for (q, r), a in zip(questions, runs[n][1])]) for n in names}
+    out = {n: dict(runs[n][0], answers=[{"question": q, "reference": r, "answer": a, "greedy_answer": g}
+                                        for (q, r), a, g in zip(questions, runs[n][1], runs[n][2])]) for n in names}
     json_path = Path(args.json or run_dir(args.out_dir) / "eval.json")
     write_json(json_path, out)
     print(f"\nwrote {json_path} ({time.time() - t0:.0f}s)")
@@ -325,7 +251,8 @@ def main():
         report = Path(run_dir(args.out_dir) / "report.md" if args.report == "auto" else args.report)
         logged = [run_dir(n) for n in reversed(names) if (run_dir(n) / "log.jsonl").exists()]
         plots = visualize.plot_runs([visualize.read_run(r) for r in logged], report.parent) if logged else []
-        write_report(report, runs, questions, args, plots)
+        write_report(report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain,
+                      args.report_answers)
         print(f"wrote {report}")
 
 

@@ -4,20 +4,19 @@ F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and sca
 residual init. forward() takes an optional loss_mask (SFT) and optional segment ids
 (packed SFT blocks: attention and positions stay inside each sample); with loss_chunk_rows
 set, its loss runs through LinearCrossEntropy (chunked, the full logits never held).
-generate() and generate_stream() use a KV cache: one that grows, or (decode_mode) a
-fixed-shape one that decode_step fills, compiled to a CUDA graph per step on a GPU.
+forward() takes a KVCache for incremental decoding; decode_step is one decode step over a
+fixed-shape cache (static_cache), compiled to a CUDA graph per step on a GPU. The decode
+loop itself, sampling and the penalties are in generation.py.
 """
 import math
 from dataclasses import dataclass
-
-import numpy as np
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
 
-DECODE_MODES = ("eager", "static", "compiled")  # GPT.decode_mode: see GPT.__init__
+DECODE_MODES = ("eager", "static", "compiled")  # GPT.decode_mode: see GPT.__init__ and generation.py
 
 
 @dataclass
@@ -320,103 +319,3 @@ class GPT(nn.Module):
         if getattr(self, "_compiled_step", None) is None:
             self._compiled_step = torch.compile(self.decode_step, mode="reduce-overhead", fullgraph=True, dynamic=False)
         return self._compiled_step
-
-    @torch.no_grad()
-    def generate_stream(self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                        stop_token=None, use_cache=True, generator=None, constraint=None, pad=None, states=None):
-        """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
-        Stops early once every row has produced stop_token (an id, or several: any of them
-        ends a row; a finished row then repeats the first). The KV cache path gives the
-        same tokens as recomputing the context; past block_size the context is cropped to
-        the last block_size tokens, which a cache cannot reuse, so those steps recompute.
-        constraint (tokenizer.TextConstraint, or one per row): each row may only take the
-        tokens its state allows (valid UTF-8 of known characters); the rest get probability
-        0 before sampling. pad (B,): left-padding of each row's prompt, for a batch of
-        prompts of different lengths; each row then gives what it would give alone. states:
-        each row's constraint state at the start (default b"": between characters)."""
-        block = self.config.block_size
-        cache = None
-        B = idx.size(0)
-        static = use_cache and self.decode_mode in ("static", "compiled")
-        if static:  # a fixed shape: rows stay in the batch, and decode_step needs every row's padding
-            step = self.compiled_decode_step() if self.decode_mode == "compiled" else self.decode_step
-            pad_rows = pad if pad is not None else torch.zeros(B, dtype=torch.long, device=idx.device)
-        states = list(states) if states is not None else [b""] * B  # the prompt ends between characters
-        rows = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * B
-        if pad is not None and idx.size(1) + max_new_tokens > block:
-            raise ValueError(f"batched generation needs prompt + new tokens within block_size {block}")
-        done = torch.zeros(idx.size(0), dtype=torch.bool, device=idx.device)
-        if stop_token is not None:
-            stops = torch.tensor([stop_token] if isinstance(stop_token, int) else list(stop_token), device=idx.device)
-            stop_token = int(stops[0])
-        active = torch.arange(B, device=idx.device)  # batched (pad given): finished rows leave the batch
-        for _ in range(max_new_tokens):
-            if use_cache and idx.size(1) <= block:
-                if cache is None or cache.length != idx.size(1) - 1:  # (re)fill from the prompt
-                    cache = (self.static_cache(B) if static
-                             else KVCache(self.config, idx.size(0), idx.device, self.lm_head.weight.dtype))
-                    logits, _ = self(idx, kv_cache=cache, last_logits_only=True, pad=pad)
-                    slot = torch.tensor([cache.length], device=idx.device) if static else None
-                elif static:
-                    if self.decode_mode == "compiled" and idx.is_cuda:
-                        torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are no longer needed
-                    last = idx[:, -1:].clone(memory_format=torch.contiguous_format)  # fixed strides: no recompiles
-                    logits = step(last, slot, pad_rows)[:, None, :]
-                    cache.length += 1
-                    slot += 1
-                else:
-                    logits, _ = self(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
-            else:
-                logits, _ = self(idx[:, -block:], last_logits_only=True, pad=pad)
-            logits = logits[:, -1, :]
-            if constraint is not None:
-                allowed = np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
-                                    for c, s in zip(rows, states)])
-                logits = logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)
-            if constraint is not None:
-                states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
-            if stop_token is not None:
-                next_id = torch.where(done, torch.full_like(next_id, stop_token), next_id)
-                done |= torch.isin(next_id, stops)
-            idx = torch.cat((idx, next_id[:, None]), dim=1)
-            if active.numel() < B:  # every row is reported; finished ones repeat stop_token
-                yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(0, active, next_id)
-            else:
-                yield next_id
-            if stop_token is not None and bool(done.all()):
-                return
-            if pad is not None and stop_token is not None and not static and bool(done.any()):
-                # a finished row would only burn compute until the longest answer ends: drop it
-                keep = ~done
-                active, idx, pad, done = active[keep], idx[keep], pad[keep], done[keep]
-                kept = keep.tolist()
-                states = [s for s, k in zip(states, kept) if k]
-                rows = [c for c, k in zip(rows, kept) if k]
-                if cache is not None:
-                    cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
-
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, **kwargs):
-        """idx (B, T) → (B, T + new tokens), as generate_stream produces them."""
-        new = list(self.generate_stream(idx, max_new_tokens, **kwargs))
-        return torch.cat([idx] + [t[:, None] for t in new], dim=1)
-
-
-def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id per row from (B, V) logits."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and 0 < top_p < 1:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # drop a token once the tokens before it already hold top_p of the mass
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= top_p
-        drop = drop_sorted.scatter(1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]

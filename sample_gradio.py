@@ -19,10 +19,10 @@ from pathlib import Path
 import gradio as gr
 
 from checkpoint import load_model
+from constraint import CONSTRAINTS
 from data_utils import UserError, pick_device, read_jsonl, run_cli
+from generation import DEFAULT_DECODING, answer, chat_prompt, model_constraint, model_template
 from model import DECODE_MODES
-from sample import answer, chat_prompt, model_constraint, model_template
-from tokenizer import CONSTRAINTS
 
 MAX_QUESTION_CHARS = 500
 
@@ -103,7 +103,8 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
     models = Models(out_dirs, device, max_models, load=partial(load_model, decode_mode=decode_mode))
     choices = out_dirs
 
-    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars"):
+    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars",
+                repetition_penalty=DEFAULT_DECODING["repetition_penalty"]):
         history = list(history or [])
         question = (question or "").strip()
 
@@ -132,7 +133,8 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             return
         past = dialogue(history)
         gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
-                   top_p=float(top_p))
+                   top_p=float(top_p), repetition_penalty=float(repetition_penalty),
+                   no_repeat_ngram=DEFAULT_DECODING["no_repeat_ngram"])
         template = model_template(meta)
         try:
             chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], template)
@@ -163,13 +165,16 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             with gr.Column(scale=1):
                 ckpt = gr.Dropdown(choices, value=choices[0] if choices else None, label="checkpoint",
                                    allow_custom_value=False)
-                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="temperature (0 = greedy)")
-                top_k = gr.Slider(0, 200, value=50, step=1, label="top-k (0 = off)")
-                top_p = gr.Slider(0.05, 1.0, value=0.95, step=0.05, label="top-p")
+                d = DEFAULT_DECODING
+                temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=d["top_k"] or 0, step=1, label="top-k (0 = off; sampling only)")
+                top_p = gr.Slider(0.05, 1.0, value=d["top_p"] or 1.0, step=0.05, label="top-p (sampling only)")
+                penalty = gr.Slider(1.0, 2.0, value=d["repetition_penalty"], step=0.05,
+                                    label="repetition penalty (1 = off): less looping")
                 max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
                 constrain = gr.Radio(list(CONSTRAINTS), value="chars", label="decoding: known characters only / "
                                      "any valid UTF-8 / off (raw byte tokens)")
-        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain]
+        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain, penalty]
         send.click(respond, inputs, [chatbot, question], api_name="chat")
         question.submit(respond, inputs, [chatbot, question], api_name=False)
         clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")

@@ -1,11 +1,19 @@
 """
-The one place where text becomes token ids and back: the GPT-2 BPE tokenizer (loaded
-offline from the committed assets/gpt2.tiktoken), the model's vocabulary (all of GPT-2, or
-trimmed to the GPT-2 ids a corpus uses), the 问/答 chat template, and the decoding
-constraint that keeps generated text valid UTF-8 made of known characters.
+The one place where text becomes token ids and back: the model's vocabulary. Three kinds,
+all encoded at run time by tiktoken:
+
+  gpt2     GPT-2's BPE, loaded offline from the committed assets/gpt2.tiktoken: 50,257
+           tokens padded to 50,304 (the 45M config)
+  trimmed  GPT-2's BPE seen through a vocabulary cut to the GPT-2 ids a corpus uses, plus
+           the 256 byte tokens (a GPT-2 token it lacks is written as its bytes)
+  bpe      a byte-level BPE trained on a corpus's training split by rustbpe (as nanochat
+           does), e.g. 8,192 tokens: ~0.5 tokens per Chinese character where GPT-2 spends ~1.2-2
+
+Every vocabulary holds the 256 single bytes, so any text round-trips, then <|endoftext|>,
+then ChatML's <|im_start|> and <|im_end|> in the next two slots. Text is always encoded as
+ordinary text: a user who types "<|im_start|>" gets those characters, never the marker.
 """
 import base64
-import codecs
 import hashlib
 import json
 from functools import lru_cache
@@ -14,16 +22,35 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
+from chat_template import TEMPLATE_PIECES
+from data_utils import UserError, require_file
+
 VOCAB_FILE = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
 # the sha256 tiktoken itself expects for r50k_base, i.e. tiktoken.get_encoding("gpt2")
 VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken_ext/openai_public.py: r50k_pat_str (the GPT-2 pre-tokenizer regex)
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# The trained BPE's pre-tokenizer: GPT-4's (cl100k) pattern. A run of letters, Chinese
+# characters included, is one piece that merges may join, and one punctuation mark before
+# it joins too (，疑是地上霜); numbers split every 3 digits.
+BPE_PATTERN = r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 EOT = 50256  # GPT-2's <|endoftext|>: ends every document and every answer
-PADDED_VOCAB_SIZE = 50304  # 50257 rounded up to a multiple of 64 for faster matmuls
-# The ChatML template's markers: special tokens in the first padding slots after the
-# vocabulary (50257 and 50258 for full GPT-2). Text never encodes to them.
-SPECIALS = ("<|im_start|>", "<|im_end|>")
+SPECIALS = ("<|im_start|>", "<|im_end|>")  # ChatML's markers, in the two slots after <|endoftext|>
+VOCABS = ("gpt2", "trimmed", "bpe")
+
+
+def pad64(n):
+    return (n + 63) // 64 * 64
+
+
+def read_ranks(text):
+    """tiktoken's file format, one 'base64(token bytes) rank' per line → {bytes: rank}."""
+    ranks = {}
+    for line in text.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
 
 
 @lru_cache(maxsize=None)
@@ -33,12 +60,7 @@ def get_tokenizer() -> tiktoken.Encoding:
     digest = hashlib.sha256(data).hexdigest()
     if digest != VOCAB_SHA256:
         raise ValueError(f"{VOCAB_FILE}: sha256 {digest} is not the GPT-2 vocabulary ({VOCAB_SHA256})")
-    ranks = {}
-    for line in data.splitlines():
-        if line:
-            token, rank = line.split()
-            ranks[base64.b64decode(token)] = int(rank)
-    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+    return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=read_ranks(data.decode()),
                              special_tokens={"<|endoftext|>": EOT}, explicit_n_vocab=EOT + 1)
 
 
@@ -54,42 +76,22 @@ def byte_token_ids():
     return [enc.encode_single_token(bytes([b])) for b in range(256)]
 
 
-def pad64(n):
-    return (n + 63) // 64 * 64
-
-
 class Tokenizer:
-    """GPT-2 BPE seen through the model's vocabulary.
+    """What every vocabulary shares. Model ids 0..n_tokens-2 are ordinary tokens,
+    n_tokens-1 is <|endoftext|> (eot), then im_start and im_end; vocab_size pads the rest
+    to a multiple of 64 (slots that write no text and are never produced by encode()).
+    Subclasses set enc (the tiktoken Encoding), and call _setup."""
+    kind = "?"
+    tag = ""  # names the data folder's token files: train.bin (GPT-2 ids) or train.{tag}.bin
 
-    Full (gpt2_ids None): model id = GPT-2 id, 50,257 tokens padded to 50,304.
-    Trimmed: model id i = GPT-2 id gpt2_ids[i] (sorted), padded to a multiple of 64. It
-    always holds the 256 single-byte tokens and <|endoftext|>, so any text stays encodable
-    with nothing lost: a GPT-2 token the vocabulary lacks is written as its byte tokens.
-    A small model then spends its output layer on the few thousand tokens its data uses
-    instead of 50,304."""
-
-    def __init__(self, gpt2_ids=None):
-        self.trimmed = gpt2_ids is not None
-        ids = np.arange(EOT + 1) if gpt2_ids is None else np.unique(np.asarray(list(gpt2_ids), dtype=np.int64))
-        if self.trimmed:
-            if ids.size and (ids[0] < 0 or ids[-1] > EOT):
-                raise ValueError(f"vocabulary ids must be GPT-2 ids 0..{EOT}")
-            ids = np.union1d(ids, byte_token_ids() + [EOT])
-        self.gpt2_ids = ids
-        self.n_tokens = len(ids)
-        self.vocab_size = PADDED_VOCAB_SIZE if not self.trimmed else pad64(self.n_tokens + len(SPECIALS))
-        self.to_model = np.full(EOT + 1, -1, dtype=np.int64)  # GPT-2 id -> model id (-1: not in it)
-        self.to_model[ids] = np.arange(self.n_tokens)
-        self.eot = int(self.to_model[EOT])
-        self.im_start, self.im_end = self.n_tokens, self.n_tokens + 1  # padding slots, never produced by encode()
+    def _setup(self, token_bytes, eot, name, sha256):
+        self.n_tokens, self.eot, self.name, self.sha256 = len(token_bytes), eot, name, sha256
+        self.vocab_size = pad64(self.n_tokens + len(SPECIALS))  # full GPT-2: 50,304
+        self.im_start, self.im_end = self.n_tokens, self.n_tokens + 1
         self.stop_ids = (self.eot, self.im_end)  # generation ends at either (问/答 and ChatML answers)
         self._special_text = {self.eot: b"<|endoftext|>", self.im_start: SPECIALS[0].encode(),
                               self.im_end: SPECIALS[1].encode()}
-        self._bytes_of_byte = np.array([self.to_model[g] for g in byte_token_ids()])
-        all_bytes = _gpt2_token_bytes()
-        self.token_bytes = [all_bytes[g] for g in ids.tolist()] + [b""] * (self.vocab_size - self.n_tokens)
-        digest = hashlib.sha256(ids.astype("<u4").tobytes()).hexdigest()[:12]
-        self.name = "gpt2" if not self.trimmed else f"gpt2-trimmed-{self.n_tokens}-{digest}"
+        self.token_bytes = list(token_bytes) + [b""] * (self.vocab_size - self.n_tokens)
 
     def __repr__(self):
         return f"Tokenizer({self.name}, {self.vocab_size} slots)"
@@ -99,6 +101,53 @@ class Tokenizer:
 
     def __hash__(self):
         return hash(self.name)
+
+    def encode(self, text: str) -> list[int]:
+        # ordinary: a literal "<|endoftext|>" in user text is text, never the special token
+        return self.enc.encode_ordinary(text)
+
+    def decode_bytes(self, ids) -> bytes:
+        """The text bytes of ids; the special tokens are written as their names."""
+        return b"".join(self._special_text.get(int(i)) or self.token_bytes[int(i)] for i in ids)
+
+    def decode(self, ids) -> str:
+        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+
+    def from_file_ids(self, ids):
+        """Ids as stored in the data folder's token files → model ids (numpy int64)."""
+        return np.asarray(ids, dtype=np.int64)
+
+    def token_file(self, data_dir, split):
+        return Path(data_dir) / (f"{split}.{self.tag}.bin" if self.tag else f"{split}.bin")
+
+
+class GPT2Tokenizer(Tokenizer):
+    """GPT-2 BPE seen through the model's vocabulary.
+
+    Full (gpt2_ids None): model id = GPT-2 id, 50,257 tokens padded to 50,304.
+    Trimmed: model id i = GPT-2 id gpt2_ids[i] (sorted), padded to a multiple of 64. It
+    always holds the 256 single-byte tokens and <|endoftext|>, so any text stays encodable
+    with nothing lost: a GPT-2 token the vocabulary lacks is written as its byte tokens.
+    A small model then spends its output layer on the few thousand tokens its data uses
+    instead of 50,304. The data folder's .bin files hold GPT-2 ids either way."""
+
+    def __init__(self, gpt2_ids=None):
+        self.trimmed = gpt2_ids is not None
+        self.kind = "trimmed" if self.trimmed else "gpt2"
+        self.enc = get_tokenizer()
+        ids = np.arange(EOT + 1) if gpt2_ids is None else np.unique(np.asarray(list(gpt2_ids), dtype=np.int64))
+        if self.trimmed:
+            if ids.size and (ids[0] < 0 or ids[-1] > EOT):
+                raise ValueError(f"vocabulary ids must be GPT-2 ids 0..{EOT}")
+            ids = np.union1d(ids, byte_token_ids() + [EOT])
+        self.gpt2_ids = ids
+        self.to_model = np.full(EOT + 1, -1, dtype=np.int64)  # GPT-2 id -> model id (-1: not in it)
+        self.to_model[ids] = np.arange(len(ids))
+        self._bytes_of_byte = np.array([self.to_model[g] for g in byte_token_ids()])
+        all_bytes = _gpt2_token_bytes()
+        digest = hashlib.sha256(ids.astype("<u4").tobytes()).hexdigest()[:12]
+        self._setup([all_bytes[g] for g in ids.tolist()], int(self.to_model[EOT]),
+                    f"gpt2-trimmed-{len(ids)}-{digest}" if self.trimmed else "gpt2", VOCAB_SHA256)
 
     def state(self):
         """What a checkpoint or a data folder stores: None for full GPT-2, else the ids."""
@@ -116,217 +165,94 @@ class Tokenizer:
             out.extend([m] if m >= 0 else self._bytes_of_byte[list(all_bytes[g])].tolist())
         return np.array(out, dtype=np.int64)
 
+    from_file_ids = from_gpt2
+
     def encode(self, text: str) -> list[int]:
-        # ordinary: a literal "<|endoftext|>" in user text is text, never the special token
-        ids = get_tokenizer().encode_ordinary(text)
+        ids = self.enc.encode_ordinary(text)
         return ids if not self.trimmed else self.from_gpt2(ids).tolist()
 
-    def decode_bytes(self, ids) -> bytes:
-        """The text bytes of ids; the special tokens are written as their names."""
-        return b"".join(self._special_text.get(int(i)) or self.token_bytes[int(i)] for i in ids)
 
-    def decode(self, ids) -> str:
-        return self.decode_bytes(ids).decode("utf-8", errors="replace")
+class BPETokenizer(Tokenizer):
+    """A byte-level BPE trained on a corpus (train_bpe), encoded by tiktoken from its
+    mergeable ranks. Ranks 0-255 are the single bytes (byte fallback: any text round-trips,
+    characters never seen in training included); <|endoftext|>, <|im_start|> and
+    <|im_end|> follow the last rank. size is the vocabulary asked for (ranks + 3); it names
+    the data folder's files: bpe-{size}.json (this tokenizer) and {split}.bpe-{size}.bin."""
+    kind = "bpe"
+
+    def __init__(self, ranks_text, size, pattern=BPE_PATTERN):
+        ranks = read_ranks(ranks_text)
+        n = len(ranks)
+        if sorted(ranks.values()) != list(range(n)) or any(ranks.get(bytes([b])) != b for b in range(256)):
+            raise ValueError("BPE ranks must be 0..n-1 with the 256 single bytes first")
+        self.size, self.pattern, self.ranks_text, self.tag = int(size), pattern, ranks_text, f"bpe-{size}"
+        self.enc = tiktoken.Encoding(name=self.tag, pat_str=pattern, mergeable_ranks=ranks,
+                                     special_tokens={"<|endoftext|>": n, SPECIALS[0]: n + 1, SPECIALS[1]: n + 2})
+        token_bytes = [b""] * n
+        for token, rank in ranks.items():
+            token_bytes[rank] = token
+        sha = hashlib.sha256(f"{pattern}\n{ranks_text}".encode()).hexdigest()
+        self._setup(token_bytes + [b""], n, f"{self.tag}-{sha[:12]}", sha)
+
+    def state(self):
+        return {"kind": "bpe", "size": self.size, "pattern": self.pattern, "ranks": self.ranks_text}
 
 
-GPT2 = Tokenizer()  # the full vocabulary, model id = GPT-2 id
+def train_bpe(texts, size):
+    """A byte-level BPE of `size` tokens (ranks + the 3 special tokens) trained by rustbpe on
+    texts, pre-tokenized with BPE_PATTERN. Deterministic: the same texts give the same
+    ranks (merges are chosen by count, ties by the pair's bytes; the text order does not matter)."""
+    import rustbpe
+    if not 512 <= size <= 65536:
+        raise UserError(f"a BPE vocabulary must have 512 to 65,536 tokens (uint16 token files), got {size}")
+    trainer = rustbpe.Tokenizer()
+    trainer.train_from_iterator(iter(texts), size - 1 - len(SPECIALS), pattern=BPE_PATTERN)
+    ranks = sorted((rank, bytes(token)) for token, rank in trainer.get_mergeable_ranks())
+    return BPETokenizer("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in ranks), size)
+
+
+GPT2 = GPT2Tokenizer()  # the full vocabulary, model id = GPT-2 id
 
 
 def trimmed_vocabulary(gpt2_ids):
     """The vocabulary a small model is given for a corpus: the GPT-2 ids the corpus uses,
     the template's tokens, the 256 byte tokens and <|endoftext|>."""
     template = {i for piece in TEMPLATE_PIECES for i in GPT2.encode(piece)}
-    return Tokenizer(np.union1d(np.asarray(gpt2_ids, dtype=np.int64), sorted(template)))
+    return GPT2Tokenizer(np.union1d(np.asarray(gpt2_ids, dtype=np.int64), sorted(template)))
 
 
 def tokenizer_from_state(state):
-    return GPT2 if state is None else Tokenizer(state)
+    """The tokenizer a checkpoint or data folder stored: None (full GPT-2), a list of GPT-2
+    ids (trimmed) or a BPE's dict."""
+    if state is None:
+        return GPT2
+    if isinstance(state, dict) and state.get("kind") == "bpe":
+        return BPETokenizer(state["ranks"], state["size"], state["pattern"])
+    if isinstance(state, list):
+        return GPT2Tokenizer(state)
+    raise ValueError(f"not a stored vocabulary: {type(state).__name__}")
 
 
 def load_vocab_file(path):
-    """(tokenizer, chars) stored with prepared data (vocab.json)."""
+    """(tokenizer, chars) stored with prepared data (vocab.json: the trimmed vocabulary)."""
     d = json.loads(Path(path).read_text(encoding="utf-8"))
     return tokenizer_from_state(d.get("gpt2_ids")), d.get("chars")
 
 
-# ----------------------------------------------------------------------------------
-# Chat templates. A conversation is a list of messages {"role", "content", "loss"?, "tool"?}.
-# "qa" (问/答, the default):
-#   system       系统:{content}[\n工具:{tools as JSON}]\n      masked
-#   user         问:{content}\n                               masked
-#   assistant    答:{content}<|endoftext|>                    content + end token trained
-#   tool call    答:调用:{name}\n{content}<|endoftext|>        (assistant with "tool") trained
-#   observation  结果:{content}\n                              masked
-# "chatml" (as Qwen uses it): <|im_start|>{role}\n{content}<|im_end|>\n, roles system,
-# user, assistant and tool (the observation); on an assistant turn the content and
-# <|im_end|> are trained. The markers are special tokens that user text never encodes to.
-# A message's "loss": true/false overrides its role's default; the role prefixes and
-# separators are never trained. So a single 问/答 turn is exactly
-# 问:{q}\n答:{a}<|endoftext|>, with loss only on {a}<|endoftext|>.
-ROLES = ("system", "user", "assistant", "observation")
-TEMPLATES = ("qa", "chatml")
-PREFIX = {"system": "系统:", "user": "问:", "assistant": "答:", "observation": "结果:"}
-CHATML_ROLE = {"system": "system", "user": "user", "assistant": "assistant", "observation": "tool"}
-TEMPLATE_PIECES = [*PREFIX.values(), "\n", "工具:", "调用:", *(f"{r}\n" for r in CHATML_ROLE.values())]
+def bpe_file(data_dir, size):
+    return Path(data_dir) / f"bpe-{size}.json"
 
 
-def check_template(template):
-    if template not in TEMPLATES:
-        raise ValueError(f"chat template must be one of {', '.join(TEMPLATES)}, got {template!r}")
-    return template
-
-
-def message_segments(tok, messages, tools=None, template="qa"):
-    """Each message as a segment {"role", "head", "body", "tail", "tail_mask", "trained"}:
-    head = the role marker (never trained), body = the content ids (trained iff "trained"),
-    tail = the end marker with its own 0/1 mask. Truncation cuts bodies; joining the
-    segments gives render_conversation's ids and mask."""
-    check_template(template)
-    messages = list(messages)
-    if tools:
-        tools_text = "工具:" + json.dumps(tools, ensure_ascii=False)
-        if messages and messages[0]["role"] == "system":
-            first = dict(messages[0])
-            first["content"] = (first["content"] + "\n" if first["content"] else "") + tools_text
-            messages[0] = first
-        else:
-            messages.insert(0, {"role": "system", "content": tools_text})
-    segments = []
-    for m in messages:
-        role = m["role"]
-        if role not in ROLES:
-            raise ValueError(f"unknown role {role!r} (expected one of {', '.join(ROLES)})")
-        trained = m.get("loss")
-        if trained is None:
-            trained = role == "assistant"
-        content = m["content"]
-        if role == "assistant" and m.get("tool"):
-            content = f"调用:{m['tool']}\n{content}"
-        if template == "qa":
-            head = tok.encode(PREFIX[role])
-            tail, tail_mask = ([tok.eot], [int(trained)]) if role == "assistant" else (tok.encode("\n"), [0])
-        else:
-            head = [tok.im_start] + tok.encode(CHATML_ROLE[role] + "\n")
-            tail = [tok.im_end] + tok.encode("\n")
-            tail_mask = [int(trained and role == "assistant"), 0]
-        segments.append({"role": role, "head": head, "body": tok.encode(content), "tail": tail,
-                         "tail_mask": tail_mask, "trained": bool(trained), "tool": bool(m.get("tool"))})
-    return segments
-
-
-def join_segments(segments):
-    ids, mask = [], []
-    for s in segments:
-        ids += s["head"] + s["body"] + s["tail"]
-        mask += [0] * len(s["head"]) + [int(s["trained"])] * len(s["body"]) + s["tail_mask"]
-    return ids, mask
-
-
-def render_conversation(tok, messages, tools=None, template="qa"):
-    """Token ids (in tok's vocabulary) and the 0/1 loss mask (1 on trained tokens) of a whole session."""
-    return join_segments(message_segments(tok, messages, tools, template))
-
-
-def assistant_head(tok, template="qa"):
-    """The ids that open an answer: 答: or <|im_start|>assistant\n."""
-    return message_segments(tok, [{"role": "assistant", "content": ""}], template=template)[0]["head"]
-
-
-def render_prompt(tok, history, question, template="qa"):
-    """Ids that ask the model for the next answer: past turns, the question, the answer's head."""
-    ids, _ = render_conversation(tok, list(history) + [{"role": "user", "content": question}], template=template)
-    return ids + assistant_head(tok, template)
-
-
-# ----------------------------------------------------------------------------------
-# Decoding that only writes real characters. Byte-level BPE lets a model emit half a
-# character, or glue byte pieces into one it never saw; both print as � or garbage.
-# The state of a row is the bytes of the character being written (b"" between
-# characters). For each state, a boolean mask over the vocabulary says which tokens keep
-# the output valid UTF-8 whose characters are all allowed; each state's mask is
-# computed the first time it is reached and then cached for the vocabulary.
-CONSTRAINTS = ("chars", "utf8", "off")
-
-
-@lru_cache(maxsize=None)
-def _valid_prefix(p):
-    """Is p a proper start of some valid UTF-8 character? (Only the byte after the lead
-    byte has a restricted range, so trying each value for the next byte is enough.)"""
-    lead = p[0]
-    n = 2 if 0xC2 <= lead <= 0xDF else 3 if 0xE0 <= lead <= 0xEF else 4 if 0xF0 <= lead <= 0xF4 else 0
-    if len(p) >= n:
-        return False
-    return any(_decodes(p + bytes([b]) + b"\x80" * (n - len(p) - 1)) for b in range(0x80, 0xC0))
-
-
-def _decodes(b):
-    try:
-        b.decode("utf-8")
-        return True
-    except UnicodeDecodeError:
-        return False
-
-
-class TextConstraint:
-    """Which next tokens keep the generated bytes valid UTF-8 made of allowed characters.
-    chars None: any character (validity only). The end tokens (<|endoftext|>, <|im_end|>)
-    are allowed only between characters, so an answer never ends half-way through one."""
-
-    def __init__(self, tok, chars=None):
-        self.tok = tok
-        self.chars = None if chars is None else frozenset(chars)
-        self.prefixes = None if chars is None else {
-            e[:i] for c in self.chars for e in [c.encode("utf-8")] for i in range(1, len(e))}
-        self._masks = {}
-        # tokens that may continue a half-written character start with a continuation byte
-        self._continuations = [i for i, b in enumerate(tok.token_bytes) if b and 0x80 <= b[0] < 0xC0]
-
-    def with_chars(self, text):
-        """This constraint, also allowing the characters of text (a prompt)."""
-        if self.chars is None or set(text) <= self.chars:
-            return self
-        return _cached_constraint(self.tok, self.chars | frozenset(text))
-
-    def step(self, state, token):
-        """The state after token, or None if the token is not allowed in state."""
-        if token in self.tok.stop_ids:
-            return b"" if state == b"" else None
-        piece = self.tok.token_bytes[token]
-        if not piece:  # a padding slot: no text
-            return None
-        buf = state + piece
-        try:
-            text, used = codecs.utf_8_decode(buf, "strict", False)
-        except UnicodeDecodeError:
-            return None
-        if self.chars is not None and not self.chars.issuperset(text):
-            return None
-        rest = buf[used:]
-        if rest and not (rest in self.prefixes if self.prefixes is not None else _valid_prefix(rest)):
-            return None
-        return rest
-
-    def mask(self, state):
-        """Bool numpy array over the vocabulary: the tokens allowed in state."""
-        if state not in self._masks:
-            m = np.zeros(self.tok.vocab_size, dtype=bool)
-            for t in (range(self.tok.vocab_size) if state == b"" else self._continuations):
-                m[t] = self.step(state, t) is not None
-            self._masks[state] = m
-        return self._masks[state]
-
-
-@lru_cache(maxsize=16)
-def _cached_constraint(tok, chars):
-    return TextConstraint(tok, chars)
-
-
-def make_constraint(tok, mode="chars", chars=None):
-    """The decoding constraint for a model: 'chars' = valid UTF-8 made of the characters
-    of the training text (validity only where they are unknown), 'utf8' = valid UTF-8,
-    'off' = raw tokens (shows what byte-level BPE does)."""
-    if mode not in CONSTRAINTS:
-        raise ValueError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {mode!r}")
-    if mode == "off":
-        return None
-    return _cached_constraint(tok, frozenset(chars) if mode == "chars" and chars else None)
+def data_vocabulary(data_dir, vocab="gpt2", size=8192):
+    """The vocabulary a model trained from scratch on data_dir gets (train.py's vocab and
+    vocab_size keys): all of GPT-2, GPT-2 trimmed to the corpus, or the corpus's trained BPE."""
+    if vocab not in VOCABS:
+        raise UserError(f"vocab must be one of {', '.join(VOCABS)}, got {vocab!r}")
+    if vocab == "gpt2":
+        return GPT2
+    if vocab == "trimmed":
+        require_file(Path(data_dir) / "vocab.json", "vocab='trimmed' needs it: run data/prepare.py")
+        return load_vocab_file(Path(data_dir) / "vocab.json")[0]
+    path = bpe_file(data_dir, size)
+    require_file(path, f"vocab='bpe' needs it: run data/prepare.py with --bpe_vocab_size {size}")
+    return tokenizer_from_state(json.loads(path.read_text(encoding="utf-8")))

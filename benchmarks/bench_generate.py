@@ -25,7 +25,7 @@ from data_utils import UserError, pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import GPT2  # noqa: E402
 from evaluations import held_out_questions  # noqa: E402
-from sample import answer, answer_batch, model_constraint  # noqa: E402
+from generation import answer, answer_batch, generate, model_constraint  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -33,7 +33,7 @@ def timed(model, idx, n, use_cache, device):
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     sync()
     t0 = time.perf_counter()
-    out = model.generate(idx, n, temperature=0, use_cache=use_cache)
+    out = generate(model, idx, n, temperature=0, use_cache=use_cache)
     sync()
     return out, time.perf_counter() - t0
 

@@ -69,7 +69,7 @@ def main():
     p.add_argument("--poems", nargs="+", default=[str(ROOT / "data" / "fortunes-zh" / "docs.jsonl")],
                    help="the default set's poems (data/fetch_data.py fortunes-zh)")
     p.add_argument("--vocab", default=str(ROOT / "data" / "fortunes-zh"),
-                   help="'gpt2', or a folder with vocab.json / a checkpoint (default: fortunes-zh's trimmed vocabulary)")
+                   help="'gpt2', a folder with vocab.json, a bpe-N.json or a checkpoint (default: fortunes-zh's trimmed vocabulary)")
     p.add_argument("--block_size", type=int, default=256, help="row length, as prepare_sft.py's")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import GPT2, load_vocab_file  # noqa: E402
+from tokenizer import data_vocabulary  # noqa: E402
 from train import load_config, measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
 
 
@@ -97,9 +97,7 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
     c = load_config([config_path])
     c["block_size"] = block_size or c["block_size"]
     torch.manual_seed(0)
-    vocab = GPT2.vocab_size
-    if c["vocab"] == "trimmed":  # the trimmed vocabulary of the config's data (data/prepare.py writes it)
-        vocab = load_vocab_file(Path(c["data_dir"]) / "vocab.json")[0].vocab_size
+    vocab = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]).vocab_size  # trimmed/bpe: the config's data
     model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
                           vocab_size=vocab))
     model.to(device)

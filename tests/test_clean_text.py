@@ -12,8 +12,10 @@ from checkpoint import load_checkpoint, load_model
 from conftest import SHARED_POETRY, TINY, read_log, run_script
 from data_utils import UserError
 from model import GPT, GPTConfig
-from sample import answer, model_constraint, stream_text
-from tokenizer import EOT, GPT2, Tokenizer, load_vocab_file, make_constraint, render_prompt, trimmed_vocabulary
+from chat_template import render_prompt
+from constraint import make_constraint
+from generation import answer, answer_batch, generate, model_constraint, stream_text
+from tokenizer import EOT, GPT2, GPT2Tokenizer, load_vocab_file, trimmed_vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +54,7 @@ def test_tiny_vocabulary_writes_unknown_tokens_as_bytes():
     assert tok.encode("床前明月光") == tok.from_gpt2(GPT2.encode("床前明月光")).tolist()
     hello = tok.encode("hello")  # not in the vocabulary: five byte tokens
     assert len(hello) == 5 and tok.decode(hello) == "hello"
-    assert Tokenizer(tok.state()) == tok and Tokenizer(tok.state()).name == tok.name
+    assert GPT2Tokenizer(tok.state()) == tok and GPT2Tokenizer(tok.state()).name == tok.name
 
 
 def test_trimmed_checkpoint_keeps_its_mapping_through_sft(tiny_runs, trimmed):
@@ -100,7 +102,7 @@ def test_random_model_at_high_temperature_writes_only_allowed_characters(trimmed
     constraint = make_constraint(tok, "chars", chars)
     prompt = tok.encode("问:你好\n答:")
     g = torch.Generator().manual_seed(3)
-    new = model.generate(torch.tensor([prompt]), 2000, temperature=1.5, generator=g, constraint=constraint)[0, len(prompt):]
+    new = generate(model, torch.tensor([prompt]), 2000, temperature=1.5, generator=g, constraint=constraint)[0, len(prompt):]
     text = tok.decode_bytes(t for t in new.tolist() if t != tok.eot)
     state = b""
     for t in new.tolist():
@@ -110,7 +112,7 @@ def test_random_model_at_high_temperature_writes_only_allowed_characters(trimmed
     decoded = whole.decode("utf-8")  # strict: raises on invalid UTF-8
     assert len(decoded) > 300 and set(decoded) <= set(chars)
     # unconstrained, the same model writes broken bytes: the test can fail
-    raw = model.generate(torch.tensor([prompt]), 300, temperature=1.5, generator=torch.Generator().manual_seed(3))
+    raw = generate(model, torch.tensor([prompt]), 300, temperature=1.5, generator=torch.Generator().manual_seed(3))
     assert "\ufffd" in tok.decode(raw[0, len(prompt):].tolist())
     # and the streamed text has no U+FFFD either, even when max_new_tokens cuts a character
     for n in (1, 2, 3, 7, 50):
@@ -139,7 +141,7 @@ def test_constrained_greedy_equals_unconstrained_where_that_was_valid(tiny_runs)
     for question in ("《静夜思》的作者是谁?", "请背诵《春晓》。", "你好"):
         constraint = model_constraint(tok, ckpt).with_chars(question)
         prompt = render_prompt(tok, [], question)
-        out = model.generate(torch.tensor([prompt]), 30, temperature=0, constraint=constraint)[0].tolist()
+        out = generate(model, torch.tensor([prompt]), 30, temperature=0, constraint=constraint)[0].tolist()
         state = b""
         for pos in range(len(prompt), len(out)):
             with torch.no_grad():
@@ -157,12 +159,12 @@ def test_constrained_greedy_equals_unconstrained_where_that_was_valid(tiny_runs)
     constraint = model_constraint(tok, ckpt)
     for question in ("你好", "《静夜思》的作者是谁?"):
         prompt = render_prompt(tok, [], question)
-        free = model.generate(torch.tensor([prompt]), 12, temperature=0)[0].tolist()
+        free = generate(model, torch.tensor([prompt]), 12, temperature=0)[0].tolist()
         state = b""
         for t in free[len(prompt):]:
             state = state if state is None else constraint.with_chars(question).step(state, t)
         if state == b"":
-            kept = model.generate(torch.tensor([prompt]), 12, temperature=0, constraint=constraint.with_chars(question))
+            kept = generate(model, torch.tensor([prompt]), 12, temperature=0, constraint=constraint.with_chars(question))
             assert kept[0].tolist() == free
 
 
@@ -171,14 +173,14 @@ def test_kv_cache_equals_recompute_with_the_constraint(trimmed):
     model = random_model(tok, block_size=48)
     constraint = make_constraint(tok, "chars", chars)
     idx = torch.tensor([tok.encode("问:床前明月光\n答:")] * 2)
-    out = [model.generate(idx, 80, temperature=1.2, top_k=200, use_cache=cache, constraint=constraint,
+    out = [generate(model, idx, 80, temperature=1.2, top_k=200, use_cache=cache, constraint=constraint,
                           generator=torch.Generator().manual_seed(5)) for cache in (True, False)]
     assert torch.equal(out[0], out[1])  # 80 new tokens run past block_size 48: cropping too
     # left-padded rows (batched generation): the cache path still equals recomputation
     short, long = tok.encode("问:你\n答:"), tok.encode("问:床前明月\n答:")
     padded = torch.tensor([[tok.eot] * (len(long) - len(short)) + short, long])
     pad = torch.tensor([len(long) - len(short), 0])
-    out = [model.generate(padded, 30, temperature=1.2, use_cache=cache, constraint=constraint, pad=pad,
+    out = [generate(model, padded, 30, temperature=1.2, use_cache=cache, constraint=constraint, pad=pad,
                           generator=torch.Generator().manual_seed(5)) for cache in (True, False)]
     assert torch.equal(out[0], out[1])
 
@@ -244,7 +246,6 @@ def test_chinese_poetry_is_converted_to_simplified(tmp_path):
 @pytest.mark.parametrize("mode,decode", [("chars", "eager"), ("off", "eager"), ("chars", "static")])
 def test_batched_greedy_answers_equal_one_by_one(tiny_runs, tiny_sft_data, mode, decode):
     from evaluations import held_out_questions
-    from sample import answer_batch
     model, tok, ckpt = load_model(tiny_runs[1])
     constraint = model_constraint(tok, ckpt, mode)
     questions = [q for q, _ in held_out_questions(tiny_sft_data, 14) if len(tok.encode(q)) < 36][:12] + ["你好", "龘靐齉是什么?"]

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from model import GPT, GPTConfig, LinearCrossEntropy, masked_cross_entropy, sample_next
+from generation import generate, sample_next
+from model import GPT, GPTConfig, LinearCrossEntropy, masked_cross_entropy
 from train import load_config
 
 
@@ -129,12 +130,12 @@ def test_model_loss_mask_path_equals_full_logits():
 def test_kv_cache_generation_equals_recompute():
     model = tiny()
     prompt = torch.randint(0, 64, (2, 5))
-    cached = model.generate(prompt, 30, temperature=0, use_cache=True)  # runs past block_size (24) too
-    plain = model.generate(prompt, 30, temperature=0, use_cache=False)
+    cached = generate(model, prompt, 30, temperature=0, use_cache=True)  # runs past block_size (24) too
+    plain = generate(model, prompt, 30, temperature=0, use_cache=False)
     assert torch.equal(cached, plain)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    s1 = model.generate(prompt, 15, temperature=1.0, top_k=10, generator=g1)
-    s2 = model.generate(prompt, 15, temperature=1.0, top_k=10, generator=g2, use_cache=False)
+    s1 = generate(model, prompt, 15, temperature=1.0, top_k=10, generator=g1)
+    s2 = generate(model, prompt, 15, temperature=1.0, top_k=10, generator=g2, use_cache=False)
     assert torch.equal(s1, s2)
 
 
@@ -151,7 +152,7 @@ def test_static_decode_step_equals_the_growing_cache():
     model = sharp(tiny())
     prompts = torch.randint(0, 64, (3, 9))
     pad = torch.tensor([0, 4, 7])  # left padding: rows of 9, 5 and 2 real tokens
-    eager = model.generate(prompts, 12, temperature=0, pad=pad)
+    eager = generate(model, prompts, 12, temperature=0, pad=pad)
     cache = model.static_cache(3)
     model(prompts, kv_cache=cache, pad=pad, last_logits_only=True)
     context = prompts
@@ -162,12 +163,12 @@ def test_static_decode_step_equals_the_growing_cache():
         full, _ = model(context, pad=pad)
         assert torch.allclose(logits, full[:, -1], atol=1e-4)
     model.decode_mode = "static"
-    assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), eager)
+    assert torch.equal(generate(model, prompts, 12, temperature=0, pad=pad), eager)
     one = torch.randint(0, 64, (1, 5))
     model.decode_mode = "eager"
-    want = model.generate(one, 30, temperature=0)  # past block_size (24): the context is cropped and recomputed
+    want = generate(model, one, 30, temperature=0)  # past block_size (24): the context is cropped and recomputed
     model.decode_mode = "static"
-    assert torch.equal(model.generate(one, 30, temperature=0), want)
+    assert torch.equal(generate(model, one, 30, temperature=0), want)
     assert "k_cache" not in str(model.state_dict().keys())  # the buffers are not saved with the weights
 
 
@@ -177,20 +178,20 @@ def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens():
     and greedy tokens equal the eager path's, for a padded batch."""
     model = sharp(tiny())
     prompts, pad = torch.randint(0, 64, (3, 9)), torch.tensor([0, 4, 7])
-    want = model.generate(prompts, 12, temperature=0, pad=pad)
+    want = generate(model, prompts, 12, temperature=0, pad=pad)
     model.decode_mode = "compiled"
     with torch._dynamo.config.patch(recompile_limit=1):
-        assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), want)
-        assert torch.equal(model.generate(prompts, 12, temperature=0, pad=pad), want)  # the same graph again
+        assert torch.equal(generate(model, prompts, 12, temperature=0, pad=pad), want)
+        assert torch.equal(generate(model, prompts, 12, temperature=0, pad=pad), want)  # the same graph again
 
 
 def test_generation_stops_at_stop_token():
     model = tiny()
     prompt = torch.zeros(1, 3, dtype=torch.long)
-    free = model.generate(prompt, 12, temperature=0)[0, 3:].tolist()
+    free = generate(model, prompt, 12, temperature=0)[0, 3:].tolist()
     stop = free[4]
     first = free.index(stop)
-    out = model.generate(prompt, 12, temperature=0, stop_token=stop)[0, 3:].tolist()
+    out = generate(model, prompt, 12, temperature=0, stop_token=stop)[0, 3:].tolist()
     assert out == free[:first + 1]  # same tokens up to and including the first stop token
 
 

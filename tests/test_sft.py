@@ -9,7 +9,9 @@ from conftest import TINY, load_script, read_log, run_script
 from data_utils import SFTData, UserError
 from model import GPT, GPTConfig
 from test_tokenizer import spans
-from tokenizer import EOT, GPT2, render_conversation
+from chat_template import render_conversation
+from data import sft_formats
+from tokenizer import EOT, GPT2
 
 decode = GPT2.decode
 
@@ -52,18 +54,18 @@ CANONICAL = {"messages": [{"role": "user", "content": "《静夜思》的作者�
     {"conversations": [{"from": "human", "value": "《静夜思》的作者是谁?"}, {"from": "gpt", "value": "李白。"}]},
 ])
 def test_every_format_parses_to_the_same_conversation(record):
-    assert prepare_sft.to_conversation(record) == CANONICAL
+    assert sft_formats.to_conversation(record) == CANONICAL
 
 
 def test_text_blocks_parse_to_the_same_conversation():
-    [(line, conv)] = prepare_sft.parse_text_blocks("问:《静夜思》的作者是谁?\n答:李白。\n")
+    [(line, conv)] = sft_formats.parse_text_blocks("问:《静夜思》的作者是谁?\n答:李白。\n")
     assert line == 1 and conv == CANONICAL
-    [(_, poem)] = prepare_sft.parse_text_blocks("问:请背诵《静夜思》\n答:床前明月光，\n疑是地上霜。")
+    [(_, poem)] = sft_formats.parse_text_blocks("问:请背诵《静夜思》\n答:床前明月光，\n疑是地上霜。")
     assert poem["messages"][1]["content"] == "床前明月光，\n疑是地上霜。"
 
 
 def test_sharegpt_system_and_tool_roles():
-    conv = prepare_sft.to_conversation({"system": "S", "tools": '[{"name": "f"}]', "conversations": [
+    conv = sft_formats.to_conversation({"system": "S", "tools": '[{"name": "f"}]', "conversations": [
         {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'},
         {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]})
     assert [m["role"] for m in conv["messages"]] == ["system", "user", "assistant", "observation", "assistant"]
@@ -71,7 +73,7 @@ def test_sharegpt_system_and_tool_roles():
 
 
 def glm_render(record):
-    conv = prepare_sft.to_conversation(record)
+    conv = sft_formats.to_conversation(record)
     ids, mask = render_conversation(GPT2, conv["messages"], conv["tools"])
     return decode(ids), spans(ids, mask)
 
@@ -89,8 +91,8 @@ def test_chatglm3_tool_turn_is_a_trained_call_and_a_masked_observation():
     assert trained == ["25度<|endoftext|>"]
     _, trained = glm_render({"conversations": turns[:2] + [dict(turns[2], loss=True)] + turns[3:]})
     assert trained == ['调用:get_weather\n{"city": "北京"}<|endoftext|>', '{"temp": 25}', "25度<|endoftext|>"]
-    with pytest.raises(prepare_sft.BadRecord, match="tool turn needs the tool's 'name'"):
-        prepare_sft.to_conversation({"conversations": [turns[1], {"role": "tool", "parameters": {}}, turns[3]]})
+    with pytest.raises(sft_formats.BadRecord, match="tool turn needs the tool's 'name'"):
+        sft_formats.to_conversation({"conversations": [turns[1], {"role": "tool", "parameters": {}}, turns[3]]})
 
 
 @pytest.mark.parametrize("turns, problem", [
@@ -100,8 +102,8 @@ def test_chatglm3_tool_turn_is_a_trained_call_and_a_masked_observation():
 ])
 def test_one_system_message_before_the_first_user_turn(turns, problem):
     record = {"conversations": turns + [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
-    with pytest.raises(prepare_sft.BadRecord, match=problem):
-        prepare_sft.to_conversation(record)
+    with pytest.raises(sft_formats.BadRecord, match=problem):
+        sft_formats.to_conversation(record)
 
 
 def test_glm4_system_tools_render_like_top_level_tools_and_unused_keys_are_reported(tmp_path):
@@ -131,12 +133,12 @@ def test_malformed_records_report_file_and_line(tmp_path):
         json.dumps({"question": "q", "answer": " "}),
         json.dumps({"question": "q2", "answer": "a2"}),
     ]) + "\n", encoding="utf-8")
-    convs, bad = prepare_sft.read_records(f, "auto", strict=False)
+    convs, bad = sft_formats.read_records(f, "auto", strict=False)
     assert len(convs) == 2
     assert [b.split(": ", 1)[0] for b in bad] == [f"{f}:2", f"{f}:3", f"{f}:4", f"{f}:5"]
     assert "unknown role 'wizard'" in bad[2] and "empty answer" in bad[3]
     with pytest.raises(UserError, match=f"{f}:2: bad JSON"):
-        prepare_sft.read_records(f, "auto", strict=True)
+        sft_formats.read_records(f, "auto", strict=True)
     proc = run_script("data/prepare_sft.py", "--input", f, "--strict", "--out_dir", tmp_path / "o", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {f}:2: bad JSON") and "Traceback" not in proc.stderr
 

@@ -9,9 +9,10 @@ import train
 from checkpoint import load_model, save_checkpoint
 from conftest import TINY, run_script
 from model import GPT, GPTConfig
-from sample import answer, answer_batch, chat_prompt
+from generation import DEFAULT_DECODING, answer, answer_batch, chat_prompt
 from test_tokenizer import spans
-from tokenizer import EOT, GPT2, VOCAB_SHA256, Tokenizer, render_conversation, render_prompt
+from chat_template import render_conversation, render_prompt
+from tokenizer import EOT, GPT2, VOCAB_SHA256, GPT2Tokenizer
 
 IM_START, IM_END = 50257, 50258  # the first padding slots of the full GPT-2 vocabulary
 
@@ -26,7 +27,7 @@ def test_chatml_renders_as_qwen_with_special_markers_and_trains_answers():
     assert spans(ids, mask) == ["李白。<|im_end|>"]  # the answer and its end marker; never the "\n" after it
     prompt = render_prompt(GPT2, [], "你好", template="chatml")
     assert GPT2.decode(prompt) == "<|im_start|>user\n你好<|im_end|>\n<|im_start|>assistant\n"
-    trimmed = Tokenizer(GPT2.encode("李白你好"))  # a trimmed vocabulary keeps two free slots for the markers
+    trimmed = GPT2Tokenizer(GPT2.encode("李白你好"))  # a trimmed vocabulary keeps two free slots for the markers
     assert (trimmed.im_start, trimmed.im_end) == (trimmed.n_tokens, trimmed.n_tokens + 1)
     assert trimmed.im_end < trimmed.vocab_size and trimmed.decode(render_prompt(trimmed, [], "你好", "chatml")) == \
         GPT2.decode(prompt)
@@ -68,7 +69,7 @@ def test_chatml_chosen_at_prepare_time_reaches_checkpoint_sample_and_evaluations
     expected = "".join(answer(model, tok, [], q, template="chatml", max_new_tokens=6, temperature=0))
     assert expected == answer_batch(model, tok, [q], template="chatml", max_new_tokens=6)[0]
     cli = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", "--chat", f"--start={q}", "--temperature=0",
-                     "--max_new_tokens=6", "--constrain=off", "--device=cpu").stdout
+                     "--repetition_penalty=1", "--max_new_tokens=6", "--constrain=off", "--device=cpu").stdout
     assert cli.strip() == "答:" + expected.strip()
     run_script("evaluations.py", f"--out_dir={tmp_path / 'run'}", f"--sft_data={data}", "--questions=2",
                "--max_new_tokens=6", "--max_batches=1", "--constrain=off", "--report=none",
@@ -76,8 +77,10 @@ def test_chatml_chosen_at_prepare_time_reaches_checkpoint_sample_and_evaluations
     result = json.loads((tmp_path / "e.json").read_text())[str(tmp_path / "run")]
     assert result["template"] == "chatml"
     questions = [a["question"] for a in result["answers"]]
+    assert [a["greedy_answer"] for a in result["answers"]] == answer_batch(model, tok, questions, template="chatml",
+                                                                           max_new_tokens=6)
     assert [a["answer"] for a in result["answers"]] == answer_batch(model, tok, questions, template="chatml",
-                                                                    max_new_tokens=6)
+                                                                    max_new_tokens=6, **DEFAULT_DECODING)
 
 
 def test_sample_follows_the_checkpoint_template(tmp_path):
@@ -93,5 +96,5 @@ def test_sample_follows_the_checkpoint_template(tmp_path):
             model=model.state_dict(), model_args=vars(model.config), iter_num=0, tokenizer_sha256=VOCAB_SHA256,
             vocab=None, kind="sft", template=template if template == "chatml" else None))
         cli = run_script("sample.py", f"--out_dir={tmp_path / template}", "--chat", f"--start={q}", "--temperature=0",
-                         "--max_new_tokens=8", "--constrain=off", "--device=cpu").stdout
+                         "--repetition_penalty=1", "--max_new_tokens=8", "--constrain=off", "--device=cpu").stdout
         assert cli.rstrip("\n") == "答:" + by_template[template], template

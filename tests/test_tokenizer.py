@@ -1,7 +1,8 @@
 import pytest
 
 import tokenizer
-from tokenizer import EOT, GPT2, get_tokenizer, render_conversation, render_prompt
+from chat_template import render_conversation, render_prompt
+from tokenizer import EOT, GPT2, get_tokenizer
 
 encode, decode = GPT2.encode, GPT2.decode
 

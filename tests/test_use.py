@@ -13,9 +13,10 @@ from checkpoint import load_model
 from conftest import ROOT, free_port, run_script
 from evaluations import char_f1, corpus_bleu, corpus_chrf, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
-from sample import answer, chat_prompt, model_constraint, stream_text
+from generation import DEFAULT_DECODING, answer, chat_prompt, generate, model_constraint, stream_text
 from sample_gradio import Models, NotServed, dialogue, message_text
-from tokenizer import GPT2, render_prompt
+from chat_template import render_prompt
+from tokenizer import GPT2
 
 
 def test_metrics_match_hand_computed_values():
@@ -38,7 +39,7 @@ def test_streaming_equals_non_streaming():
     ids = GPT2.encode("问:床前明月光\n答:")
     streamed = "".join(stream_text(model, GPT2, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=7))
     g = torch.Generator().manual_seed(7)
-    full = model.generate(torch.tensor([ids]), 40, temperature=1.0, top_k=100, generator=g)
+    full = generate(model, torch.tensor([ids]), 40, temperature=1.0, top_k=100, generator=g)
     assert streamed == GPT2.decode(full[0, len(ids):].tolist())
     assert "".join(stream_text(model, GPT2, ids, max_new_tokens=40, temperature=1.0, top_k=100, seed=8)) != streamed
 
@@ -130,8 +131,9 @@ def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
         assert reply["role"] == "assistant" and message_text(reply)
         assert len(updates) >= 2  # streamed: several partial answers before the last
         model, tok, ckpt = load_model(sft)
+        # the penalty slider was left at its default: the page decodes as DEFAULT_DECODING (greedy + penalty)
         expected = "".join(answer(model, tok, [], "《静夜思》的作者是谁?", constraint=model_constraint(tok, ckpt),
-                                  max_new_tokens=16, temperature=0)) or "(空回答 / empty answer)"
+                                  max_new_tokens=16, **DEFAULT_DECODING)) or "(空回答 / empty answer)"
         assert message_text(reply) == expected
         # a second turn sees the first as history (the page sends its history back)
         history2, _ = client.predict("请背诵这首诗。", history, str(sft), 0.0, 0, 1.0, 16, "chars", api_name="/chat")
