@@ -90,10 +90,53 @@ def read_lines(path, strict=True):
     return lines(), bad
 
 
+def parse_json(text):
+    """json.loads, with every way it fails as one ValueError whose message says why: bad
+    syntax, nesting too deep for the parser, a number too long to convert; and a value that
+    parses but holds text that is not valid Unicode (a lone surrogate from a \\udXXX escape,
+    which no file can hold as UTF-8), which json.loads lets through."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad JSON ({e.msg})") from None
+    except RecursionError:
+        raise ValueError("bad JSON (nested too deeply)") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise ValueError(f"bad JSON ({str(e).split(':')[0][:80]})") from None
+    problem = invalid_unicode(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def invalid_unicode(value):
+    """What is wrong with the first string in a JSON value that is not valid Unicode, or None."""
+    try:
+        return _invalid_unicode(value, "text")
+    except RecursionError:
+        return "bad JSON (nested too deeply)"
+
+
+def _invalid_unicode(value, where):
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:
+            return f"{where} is not valid Unicode (lone surrogate U+{ord(value[e.start]):04X} at character {e.start + 1})"
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        name = f"{where}[{key}]" if isinstance(key, int) else key if where == "text" else f"{where}.{key}"
+        problem = _invalid_unicode(key, "a key") if isinstance(key, str) else None
+        if problem or (problem := _invalid_unicode(item, name)):
+            return problem
+    return None
+
+
 def read_jsonl(path, strict=True):
     """Yield (line number, record) from a JSONL file, in file order; a line that is not
-    UTF-8 or not JSON is a UserError naming file:line when strict, else it is skipped and
-    listed in the returned list `bad`."""
+    UTF-8, not JSON or not valid Unicode (parse_json) is a UserError naming file:line when
+    strict, else it is skipped and listed in the returned list `bad`."""
     lines, bad = read_lines(path, strict)
 
     def records():
@@ -101,11 +144,11 @@ def read_jsonl(path, strict=True):
             if line is None or not line.strip():
                 continue
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
+                yield lineno, parse_json(line)
+            except ValueError as e:
                 if strict:
-                    raise UserError(f"{path}:{lineno}: bad JSON ({e.msg})") from None
-                bad.append(f"{path}:{lineno}: bad JSON ({e.msg})")
+                    raise UserError(f"{path}:{lineno}: {e}") from None
+                bad.append(f"{path}:{lineno}: {e}")
     return records(), bad
 
 
@@ -139,10 +182,8 @@ class PretrainData(Batches):
         meta = self.data_dir / "meta.json"
         self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
         self.files = {split: tok.token_file(self.data_dir, split) for split in ("train", "val")}
-        for split, path in self.files.items():
+        for path in self.files.values():
             require_file(path, "run data/prepare.py first" + (f" with --bpe_vocab_size {tok.size}" if tok.kind == "bpe" else ""))
-            if self.num_tokens(split) <= block_size + 1:
-                raise UserError(f"{path} holds {self.num_tokens(split)} tokens, too few for block_size {block_size}")
         vocab_file = self.data_dir / "vocab.json"
         vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file.exists() else {}
         self.chars = vocab.get("chars")  # the corpus's characters (prepare.py), for the decoding constraint
@@ -160,6 +201,9 @@ class PretrainData(Batches):
                 raise UserError(f"{self.files['train']} was written with the BPE {stored} but the model uses {tok.name}: "
                                 f"a BPE is trained per corpus; re-run data/prepare.py, or pretrain with vocab='bpe' "
                                 f"on this data_dir")
+        for split, path in self.files.items():
+            if self.num_tokens(split) <= block_size + 1:
+                raise UserError(f"{path} holds {self.num_tokens(split)} tokens, too few for block_size {block_size}")
 
     def bits_per_char(self, split, nats_per_token):
         """Mean nats per token → bits per character of the split's text (None if prepare.py

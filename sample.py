@@ -16,7 +16,7 @@ from pathlib import Path
 
 from checkpoint import load_model
 from constraint import CONSTRAINTS
-from data_utils import UserError, pick_device, run_cli
+from data_utils import UserError, invalid_unicode, pick_device, run_cli
 from generation import (DEFAULT_DECODING, WRITING, add_decoding_flags, answer, chat_prompt, decoding_from_flags,
                         model_constraint, model_template, stream_text)
 from model import DECODE_MODES
@@ -54,7 +54,12 @@ def main():
         path = Path(start[5:])
         if not path.is_file():
             raise UserError(f"{path}: prompt file not found")
-        start = path.read_text(encoding="utf-8")
+        try:
+            start = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    if start and invalid_unicode(start):  # bytes that are not UTF-8 on the command line arrive as surrogates
+        raise UserError(f"--start {invalid_unicode(start).removeprefix('text ')}; the prompt must be UTF-8")
 
     if args.chat and start is None:
         return interactive_chat(model, tok, constraint, template, gen, args.seed)
@@ -86,6 +91,11 @@ def interactive_chat(model, tok, constraint, template, gen, seed):
         except EOFError:
             print()
             return
+        except UnicodeDecodeError:
+            question = None  # bytes that are not UTF-8 (or, below, arrived as surrogates)
+        if question is None or invalid_unicode(question):
+            print("(that line is not valid UTF-8 text; type it again)")
+            continue
         if question in ("/exit", "/quit"):
             return
         if question == "/reset":

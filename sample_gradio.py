@@ -20,7 +20,7 @@ import gradio as gr
 
 from checkpoint import load_model
 from constraint import CONSTRAINTS
-from data_utils import UserError, pick_device, read_jsonl, run_cli
+from data_utils import UserError, invalid_unicode, pick_device, read_jsonl, run_cli
 from generation import DEFAULT_DECODING, answer, chat_prompt, model_constraint, model_template
 from model import DECODE_MODES
 
@@ -99,6 +99,18 @@ def dialogue(history):
     return out
 
 
+def generation_settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
+    """The sliders' values as generation settings; a ValueError says which one is out of range
+    (the page's sliders keep them in range; the API does not)."""
+    gen = dict(temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p),
+               max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty),
+               no_repeat_ngram=DEFAULT_DECODING["no_repeat_ngram"])
+    if not (gen["temperature"] >= 0 and 0 < gen["top_p"] <= 1 and gen["max_new_tokens"] >= 1
+            and gen["repetition_penalty"] > 0 and (gen["top_k"] or 0) >= 0):
+        raise ValueError("temperature >= 0, 0 < top-p <= 1, max new tokens >= 1, repetition penalty > 0, top-k >= 0")
+    return gen
+
+
 def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
     models = Models(out_dirs, device, max_models, load=partial(load_model, decode_mode=decode_mode))
     choices = out_dirs
@@ -106,7 +118,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
     def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars",
                 repetition_penalty=DEFAULT_DECODING["repetition_penalty"]):
         history = list(history or [])
-        question = (question or "").strip()
+        question = (question or "").strip() if isinstance(question, str) else ""
 
         def note(text):  # shown in the chat, but not part of the dialogue the model sees
             return history + [{"role": "assistant", "content": text, "metadata": {"title": "提示 note"}}], question
@@ -116,6 +128,17 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             return
         if len(question) > MAX_QUESTION_CHARS:
             yield note(f"问题太长了: {len(question)} characters, at most {MAX_QUESTION_CHARS}. Please shorten it.")
+            return
+        past = dialogue(history)
+        texts = {"question": question, **{f"turn {i + 1} of the history": m["content"] for i, m in enumerate(past)}}
+        bad = next((where for where, text in texts.items() if invalid_unicode(text)), None)
+        if bad:  # a lone surrogate (the API lets one through): tiktoken would quietly make it �
+            yield note(f"问题含有无效字符: the {bad} {invalid_unicode(texts[bad]).removeprefix('text ')}")
+            return
+        try:
+            gen = generation_settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty)
+        except (TypeError, ValueError) as e:
+            yield note(f"invalid setting: {e}")
             return
         if not ckpt:
             yield note("没有可用的模型: train one first (see README).")
@@ -131,10 +154,6 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
         if constrain not in CONSTRAINTS:
             yield note(f"unknown decoding constraint {constrain!r}")
             return
-        past = dialogue(history)
-        gen = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k) or None,
-                   top_p=float(top_p), repetition_penalty=float(repetition_penalty),
-                   no_repeat_ngram=DEFAULT_DECODING["no_repeat_ngram"])
         template = model_template(meta)
         try:
             chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], template)

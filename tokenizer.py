@@ -134,7 +134,7 @@ class GPT2Tokenizer(Tokenizer):
     def __init__(self, gpt2_ids=None):
         self.trimmed = gpt2_ids is not None
         self.kind = "trimmed" if self.trimmed else "gpt2"
-        self.enc = get_tokenizer()
+        self.enc, self.pattern = get_tokenizer(), GPT2_PATTERN
         ids = np.arange(EOT + 1) if gpt2_ids is None else np.unique(np.asarray(list(gpt2_ids), dtype=np.int64))
         if self.trimmed:
             if ids.size and (ids[0] < 0 or ids[-1] > EOT):

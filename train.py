@@ -95,7 +95,7 @@ def load_config(argv, defaults=DEFAULTS):
                 raise UserError(f"{arg}: config file not found")
             scope = {}
             try:
-                exec(compile(Path(arg).read_text(), arg, "exec"), scope)
+                exec(compile(Path(arg).read_text(encoding="utf-8"), arg, "exec"), scope)
             except Exception as e:
                 line = getattr(e, "lineno", None) or (e.__traceback__.tb_next.tb_lineno if e.__traceback__.tb_next else "?")
                 raise UserError(f"{arg}:{line}: {type(e).__name__}: {e}") from None

@@ -26,7 +26,11 @@ def read_run(run):
     if not path.is_file():
         raise UserError(f"{path}: no log.jsonl (train a model with train.py first)")
     train, evals = [], []
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -4,7 +4,8 @@ Get raw text into data/<dataset>/docs.jsonl, one JSON document per line:
 builds its questions from those), and docs.meta.json saying where it came from and how it
 was converted (prepare.py copies that into its meta.json).
 
-  python data/fetch_data.py fortunes-zh                 # the embedded default (Debian fortunes-zh)
+  python data/fetch_data.py fortunes-zh                 # the default where installed (Debian fortunes-zh)
+  python data/fetch_data.py embedded                    # the corpus committed in assets/embedded/ (no apt needed)
   python data/fetch_data.py chinese-poetry              # download the MIT chinese-poetry JSON files
                                                         # (traditional characters → simplified with OpenCC t2s;
                                                         #  --keep_traditional to keep them as published)
@@ -12,8 +13,11 @@ was converted (prepare.py copies that into its meta.json).
   python data/fetch_data.py local --input notes.txt corpus/ --name mytext
 """
 import argparse
+import gzip
+import hashlib
 import http.client
 import json
+import random
 import re
 import sys
 import time
@@ -24,9 +28,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
-from data_utils import UserError, atomic_write, read_jsonl, read_lines, run_cli, write_json  # noqa: E402
+from data_utils import UserError, atomic_write, invalid_unicode, read_jsonl, read_lines, run_cli, write_json  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
+# public-domain classics from chinese-poetry (MIT), simplified: assets/embedded/README.md
+EMBEDDED = DATA_DIR.parent / "assets" / "embedded" / "classics.jsonl.gz"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 FORTUNES_FILES = ("tang300", "song100", "chinese")  # 唐诗三百首, 宋词一百首, modern Chinese sayings
 UPSTREAM = "https://raw.githubusercontent.com/chinese-poetry/chinese-poetry/{ref}/{path}"
@@ -45,6 +51,9 @@ COLLECTIONS = {
     "huajianji": [f"五代诗词/huajianji/huajianji-{j}-juan.json" for j in [*range(1, 10), "x"]],
     "nantang": ["五代诗词/nantang/poetrys.json"],
     "yuanqu": ["元曲/yuanqu.json"],
+    "qianjiashi": ["蒙学/qianjiashi.json"],
+    "guwenguanzhi": ["蒙学/guwenguanzhi.json"],
+    "mengxue": [f"蒙学/{n}.json" for n in ("sanzijing-new", "qianziwen", "dizigui", "zengguangxianwen")],
     "songci": [f"宋词/ci.song.{i}.json" for i in range(0, 22000, 1000)] + ["宋词/ci.song.2019y.json"],
     "tang": [f"全唐诗/poet.tang.{i}.json" for i in range(0, 58000, 1000)],
 }
@@ -117,20 +126,28 @@ def download(url, dest, retries=4):
         time.sleep(2 ** attempt)
 
 
-def records_to_docs(records, source):
+def records_to_docs(records, source, book_author=""):
     """chinese-poetry records → documents. Fields differ by collection: the title is
-    title/rhythmic/chapter, the lines paragraphs/content/para."""
+    title/rhythmic/chapter, the lines paragraphs/content/para. A book of sections (蒙学:
+    千家诗, 古文观止, 弟子规) nests records in "content"; they take the book's author unless
+    they name their own ("（唐）孟浩然", "先秦：左丘明" → 孟浩然, 左丘明)."""
     docs = []
     for r in records if isinstance(records, list) else [records]:
         if not isinstance(r, dict):
+            continue
+        nested = r.get("content")
+        if isinstance(nested, list) and nested and isinstance(nested[0], dict):
+            docs += records_to_docs(nested, source, r.get("author") if isinstance(r.get("author"), str) else book_author)
             continue
         lines = r.get("paragraphs") or r.get("content") or r.get("para") or []
         lines = [lines] if isinstance(lines, str) else [ln.strip() for ln in lines if isinstance(ln, str) and ln.strip()]
         title = r.get("title") or r.get("rhythmic") or r.get("chapter") or ""
         if r.get("rhythmic") and r.get("title") and r["rhythmic"] != r["title"]:
             title = f"{r['rhythmic']}·{r['title']}"
-        if lines:
-            docs.append(poem_doc(title, r.get("author") or "", lines, source))
+        author = r.get("author") if isinstance(r.get("author"), str) else book_author
+        author = re.sub(r"^\s*[（(][^）)]*[）)]|^[^：:]*[：:]", "", author or "").strip()
+        if lines and isinstance(title, str):
+            docs.append(poem_doc(title, author, lines, source))
     return docs
 
 
@@ -158,7 +175,7 @@ def fetch_chinese_poetry(args):
     if unknown:
         raise UserError(f"unknown collection(s) {', '.join(unknown)}; choose from {', '.join(COLLECTIONS)}")
     raw_dir = Path(args.out_dir or DATA_DIR / "chinese-poetry") / "raw"
-    docs = []
+    docs, bad = [], []
     paths = [(n, p) for n in names for p in COLLECTIONS[n]]
     for name, rel in tqdm(paths, desc="chinese-poetry files", unit="file"):
         if args.mirror:
@@ -171,10 +188,52 @@ def fetch_chinese_poetry(args):
                 download(UPSTREAM.format(ref=args.ref, path=urllib.request.quote(rel)), src)
         try:
             records = json.loads(src.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{src}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                            f"delete it to download it again") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{src}:{e.lineno}: bad JSON ({e.msg}); delete it to download it again") from None
-        docs += records_to_docs(records, name)
-    return docs
+        except (RecursionError, ValueError):
+            raise UserError(f"{src}: bad JSON (nested too deeply, or a number too long)") from None
+        valid = []
+        for i, r in enumerate(records if isinstance(records, list) else [records]):
+            if problem := invalid_unicode(r):  # text that is not valid Unicode: skipped, counted
+                bad.append(f"{src}: record {i + 1}: {problem}")
+            else:
+                valid.append(r)
+        docs += records_to_docs(valid, name)
+    if bad:
+        print(f"skipped {len(bad)} malformed record(s), first: {bad[0]}")
+    by_collection = {}
+    for d in docs:
+        by_collection.setdefault(d["source"], []).append(d)
+    if args.max_per_collection:  # a seeded sample of the large collections (songci: 21k ci)
+        rng = random.Random(args.seed)
+        by_collection = {n: rng.sample(ds, args.max_per_collection) if len(ds) > args.max_per_collection else ds
+                         for n, ds in by_collection.items()}
+    return [d for ds in by_collection.values() for d in ds]
+
+
+def drop_duplicates(docs):
+    """The same poem in two collections (宋词三百首 is part of 宋词) once: the first copy."""
+    seen, kept = set(), []
+    for d in docs:
+        if d["text"] not in seen:
+            seen.add(d["text"])
+            kept.append(d)
+    return kept
+
+
+# ------------------------------------------------------------------------------ embedded
+def sha256_of(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def fetch_embedded(args):
+    """The corpus committed with the project: documents as chinese-poetry's fetch writes
+    them (title, author, lines), already simplified, gzipped."""
+    with gzip.open(EMBEDDED, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # --------------------------------------------------------------------------------- local
@@ -214,12 +273,15 @@ def fetch_local(args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("dataset", choices=["fortunes-zh", "chinese-poetry", "local"])
+    parser.add_argument("dataset", choices=["fortunes-zh", "embedded", "chinese-poetry", "local"])
     parser.add_argument("--out_dir", help="where docs.jsonl goes (default data/<dataset> or data/<name>)")
     parser.add_argument("--fortunes_dir", default=str(FORTUNES_DIR))
     parser.add_argument("--mirror", help="read chinese-poetry from this local copy instead of the network")
     parser.add_argument("--collections", nargs="+", help=f"chinese-poetry subsets (default all): {' '.join(COLLECTIONS)}")
     parser.add_argument("--ref", default="master", help="chinese-poetry git ref to download")
+    parser.add_argument("--max_per_collection", type=int, help="chinese-poetry: a seeded sample of at most this many "
+                                                               "documents of each collection")
+    parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--input", nargs="+", help="local .txt/.jsonl files or folders")
     parser.add_argument("--name", default="custom", help="dataset name for local input")
     parser.add_argument("--txt_sep", help="split .txt files into documents on this string (default: one per file)")
@@ -228,22 +290,29 @@ def main():
                         help="chinese-poetry: keep traditional characters (default: OpenCC t2s to simplified)")
     args = parser.parse_args()
 
-    fetch = {"fortunes-zh": fetch_fortunes, "chinese-poetry": fetch_chinese_poetry, "local": fetch_local}[args.dataset]
+    fetch = {"fortunes-zh": fetch_fortunes, "embedded": fetch_embedded, "chinese-poetry": fetch_chinese_poetry,
+             "local": fetch_local}[args.dataset]
     docs = fetch(args)
     if not docs:
         raise UserError("no documents found")
     conversion = None
     if args.dataset == "chinese-poetry" and not args.keep_traditional:
         conversion = to_simplified(docs)
+    if args.dataset == "chinese-poetry":
+        docs = drop_duplicates(docs)
     out_dir = Path(args.out_dir or DATA_DIR / (args.name if args.dataset == "local" else args.dataset))
     atomic_write(out_dir / "docs.jsonl", lambda f: f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), mode="w")
     poems = sum("lines" in d for d in docs)
     chars = sum(len(d["text"]) for d in docs)
+    source = {"fortunes-zh": lambda: str(args.fortunes_dir), "local": lambda: args.input,
+              "embedded": lambda: f"{EMBEDDED.relative_to(DATA_DIR.parent)} (sha256 {sha256_of(EMBEDDED)})",
+              "chinese-poetry": lambda: args.mirror or UPSTREAM.format(ref=args.ref, path="")}[args.dataset]()
     write_json(out_dir / "docs.meta.json", {
-        "dataset": args.dataset, "source": args.mirror or (args.input if args.dataset == "local" else None)
-        or (UPSTREAM.format(ref=args.ref, path="") if args.dataset == "chinese-poetry" else str(args.fortunes_dir)),
+        "dataset": args.dataset, "source": source,
         "collections": args.collections if args.dataset == "chinese-poetry" else None,
-        "conversion": conversion, "documents": len(docs), "poems": poems, "characters": chars})
+        "max_per_collection": args.max_per_collection if args.dataset == "chinese-poetry" else None,
+        "conversion": conversion or ("OpenCC t2s, when it was built" if args.dataset == "embedded" else None),
+        "documents": len(docs), "poems": poems, "characters": chars})
     print(f"wrote {len(docs):,} documents ({poems:,} poems, {chars:,} characters) to {out_dir / 'docs.jsonl'}"
           + (f", converted to simplified characters ({conversion})" if conversion else ""))
 

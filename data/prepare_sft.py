@@ -89,7 +89,7 @@ def default_groups(poems_paths, seed, max_poems=None):
     poems, seen = [], set()
     for path in [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths:
         if not Path(path).exists():
-            raise UserError(f"{path} not found: run data/fetch_data.py fortunes-zh first")
+            raise UserError(f"{path} not found: run data/fetch_data.py fortunes-zh (or embedded) first")
         records, _ = read_jsonl(path)
         found = [r for _, r in records if r.get("lines") and r.get("title")]
         if not found:
@@ -273,8 +273,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="SFT files (.jsonl, .json, .txt); default: the built-in set")
     parser.add_argument("--format", default="auto", choices=FORMATS)
-    parser.add_argument("--poems", nargs="+", default=[str(DATA_DIR / "fortunes-zh" / "docs.jsonl")],
-                        help="documents with poems for the default set (one or more docs.jsonl)")
+    parser.add_argument("--poems", nargs="+", help="documents with poems for the default set (one or more docs.jsonl; "
+                                                   "default: data/fortunes-zh's, else data/embedded's)")
     parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems of each file")
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
@@ -306,6 +306,9 @@ def main():
         for key, (n, first) in sorted(ignored.items()):
             print(f"ignored message key {key!r} in {n:,} message(s), first at {first}")
     else:
+        fortunes = DATA_DIR / "fortunes-zh" / "docs.jsonl"
+        args.poems = args.poems or [str(fortunes if fortunes.exists() or not (DATA_DIR / "embedded").exists()
+                                        else DATA_DIR / "embedded" / "docs.jsonl")]
         groups = default_groups(args.poems, args.seed, args.max_poems)
 
     # tokenize first, so that records with nothing left to train on never reach either split

@@ -19,7 +19,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from data_utils import UserError, read_jsonl, read_lines
+from data_utils import UserError, invalid_unicode, read_jsonl, read_lines
 
 FORMATS = ("auto", "text", "qa", "alpaca", "chatglm3", "glm4", "sharegpt")
 ROLE_ALIASES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
@@ -238,7 +238,11 @@ def read_records(path, fmt, strict, ignored=None):
             raise UserError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except json.JSONDecodeError as e:
             raise UserError(f"{path}:{e.lineno}: bad JSON ({e.msg})") from None
+        except (RecursionError, ValueError):
+            raise UserError(f"{path}: bad JSON (nested too deeply, or a number too long)") from None
         numbered = [(f"record {i + 1}", r) for i, r in enumerate(records if isinstance(records, list) else [records])]
+        # text that parses but is not valid Unicode (a lone surrogate) is that record's problem
+        numbered = [(where, BadRecord(problem) if (problem := invalid_unicode(r)) else r) for where, r in numbered]
     else:
         # lazily, and into read_jsonl's own list of problems: --strict meets a bad line and a
         # bad record in file order, and the skipped ones are listed in file order too
@@ -246,6 +250,8 @@ def read_records(path, fmt, strict, ignored=None):
     for where, r in numbered:
         unused = Counter()
         try:
+            if isinstance(r, BadRecord):
+                raise r
             convs.append(to_conversation(r, fmt, unused))
         except BadRecord as e:
             report(where, e)

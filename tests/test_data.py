@@ -22,9 +22,9 @@ def test_fortunes_documents(fortunes_docs):
     assert first["text"].startswith("《感遇・其一》\n作者:张九龄\n兰叶春葳蕤")
 
 
-def test_prepare_round_trip(pretrain_dir, fortunes_docs):
+def test_prepare_round_trip(pretrain_dir, corpus_docs):
     """Decoding train.bin + val.bin gives back exactly the documents, each ended by EOT."""
-    texts = sorted(json.loads(line)["text"] for line in fortunes_docs.read_text().splitlines())
+    texts = sorted(json.loads(line)["text"] for line in corpus_docs.read_text().splitlines())
     ids = np.concatenate([np.fromfile(pretrain_dir / f"{s}.bin", dtype=np.uint16) for s in ("train", "val")])
     assert ids[-1] == EOT
     recovered = GPT2.decode(ids).split("<|endoftext|>")[:-1]

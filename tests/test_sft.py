@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import train
-from conftest import TINY, load_script, read_log, run_script
+from conftest import TINY, load_script, make_sft_data, read_log, run_script
 from data_utils import SFTData, UserError
 from model import GPT, GPTConfig
 from test_tokenizer import spans
@@ -227,9 +227,8 @@ def test_sft_batch_alignment_and_show(sft_dir):
     assert meta["train_samples"] > 2000 and meta["val_samples"] > 200
 
 
-def test_show_prints_each_token_and_its_target(tmp_path, fortunes_docs):
-    out = run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", tmp_path, "--block_size", "65",
-                     "--show", "1").stdout
+def test_show_prints_each_token_and_its_target(tmp_path, corpus_docs):
+    out = make_sft_data(corpus_docs, tmp_path, "--show", "1").stdout
     table = out[out.index("--- sample 0"):].splitlines()[2:]
     targets = [line.rsplit("|", 1)[1].strip() for line in table if line.count("|") == 3]
     assert "-100" in targets and "50256" in targets  # masked question, trained end token
@@ -250,10 +249,10 @@ def test_default_set_splits_by_poem(sft_dir):
     assert poems(val) and poems(trn) and not (poems(val) & poems(trn))
 
 
-def test_packing_changes_efficiency_not_the_loss(tmp_path, fortunes_docs):
+def test_packing_changes_efficiency_not_the_loss(tmp_path, corpus_docs):
     """The summed answer loss over all samples is the same packed or padded."""
     for mode in ("pad", "pack"):
-        run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", tmp_path / mode,
+        run_script("data/prepare_sft.py", "--poems", corpus_docs, "--max_poems", "400", "--out_dir", tmp_path / mode,
                    "--block_size", "128", *(["--pack"] if mode == "pack" else []))
     pad_meta = json.loads((tmp_path / "pad" / "meta.json").read_text())
     pack_meta = json.loads((tmp_path / "pack" / "meta.json").read_text())

@@ -7,7 +7,7 @@ import torch
 
 import train
 from checkpoint import load_model, save_checkpoint
-from conftest import TINY, run_script
+from conftest import TINY, make_sft_data, run_script
 from model import GPT, GPTConfig
 from generation import DEFAULT_DECODING, answer, answer_batch, chat_prompt
 from test_tokenizer import spans
@@ -54,11 +54,10 @@ def test_typed_markers_never_become_special_tokens(typed):
         assert spans(ids, mask) == [typed + ("<|im_end|>" if template == "chatml" else "<|endoftext|>")]
 
 
-def test_chatml_chosen_at_prepare_time_reaches_checkpoint_sample_and_evaluations(tmp_path, fortunes_docs, tiny_runs):
+def test_chatml_chosen_at_prepare_time_reaches_checkpoint_sample_and_evaluations(tmp_path, corpus_docs, tiny_runs):
     pre, _ = tiny_runs
     data = tmp_path / "sft-chatml"
-    out = run_script("data/prepare_sft.py", "--poems", fortunes_docs, "--out_dir", data, "--block_size", "65",
-                     "--vocab", pre, "--template", "chatml", "--show", "1").stdout
+    out = make_sft_data(corpus_docs, data, "--vocab", pre, "--template", "chatml", "--show", "1").stdout
     assert "<|im_start|>user\n" in out and "⟦" in out
     assert json.loads((data / "meta.json").read_text())["template"] == "chatml"
     train.main([*TINY, f"--data_dir={data}", f"--out_dir={tmp_path / 'run'}", f"--init_from={pre / 'best.pt'}",

@@ -14,7 +14,7 @@ from conftest import ROOT, free_port, run_script
 from evaluations import char_f1, corpus_bleu, corpus_chrf, distinct_n, exact_match, rouge_l
 from model import GPT, GPTConfig
 from generation import DEFAULT_DECODING, answer, chat_prompt, generate, model_constraint, stream_text
-from sample_gradio import Models, NotServed, dialogue, message_text
+from sample_gradio import Models, NotServed, dialogue, generation_settings, message_text
 from chat_template import render_prompt
 from tokenizer import GPT2
 
@@ -142,6 +142,9 @@ def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
         assert "请输入" in message_text(empty[-1]) and dialogue(empty) == []
         long, _ = client.predict("长" * 600, [], str(sft), 0.7, 50, 0.95, 16, "chars", api_name="/chat")
         assert "太长" in message_text(long[-1])
+        # text that is not valid Unicode (a lone surrogate, which JSON lets through) gets a note, not �
+        odd, _ = client.predict("好\ud800", [], str(sft), 0.0, 0, 1.0, 16, "chars", api_name="/chat")
+        assert "the question is not valid Unicode (lone surrogate U+D800" in message_text(odd[-1]) and not dialogue(odd)
         # only the served checkpoints: another real checkpoint, a system file and a missing
         # path all get the same note, which tells nothing about the file system
         notes = []
@@ -156,6 +159,15 @@ def test_gradio_app_serves_and_streams_answers(tiny_runs, sft_dir):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_gradio_settings_out_of_range_are_named():
+    assert generation_settings(0, 0, 1.0, 16, 1.2)["top_k"] is None
+    for bad in ((-1, 0, 1.0, 16, 1.2), (0.7, 0, 0.0, 16, 1.2), (0.7, 0, 1.0, 0, 1.2), (0.7, 0, 1.0, 16, 0)):
+        with pytest.raises(ValueError, match="temperature >= 0, 0 < top-p <= 1"):
+            generation_settings(*bad)
+    with pytest.raises(ValueError):
+        generation_settings("hot", 0, 1.0, 16, 1.2)
 
 
 def test_gradio_models_opens_only_allowed_checkpoints_and_keeps_the_most_recent():

@@ -1,0 +1,150 @@
+"""
+Export a checkpoint as a Hugging Face transformers model folder, so the model leaves the
+repo: safetensors weights, config, generation config, and a tokenizer that AutoTokenizer
+loads (tokenizer.json, with the chat template the model was fine-tuned with).
+
+  python export_hf.py --out_dir=out/tiny-sft --dest=hf/tiny-sft
+
+  from transformers import AutoModelForCausalLM, AutoTokenizer
+  tok, model = AutoTokenizer.from_pretrained("hf/tiny-sft"), AutoModelForCausalLM.from_pretrained("hf/tiny-sft")
+  ids = tok.apply_chat_template([{"role": "user", "content": "《静夜思》的作者是谁?"}], add_generation_prompt=True,
+                                return_tensors="pt", return_dict=True)
+
+The model is GPT-2's architecture (GPT2LMHeadModel) with exact GELU and zero biases: it
+computes what model.py computes. The tokenizer is the same BPE (full GPT-2 or the trained
+one) as an HF byte-level BPE with the same split pattern: the same ids as tokenizer.py's.
+A trimmed vocabulary spells GPT-2 tokens it lacks as bytes, which no HF tokenizer does:
+it is refused. generation_config is greedy with both end tokens; the project's default
+repetition penalty is left out, because HF's also counts the prompt's tokens.
+"""
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from chat_template import CHATML_ROLE, PREFIX
+from checkpoint import find_checkpoint, load_model
+from data_utils import UserError, run_cli
+from generation import model_template
+from tokenizer import SPECIALS
+
+
+def hf_config(model_args, tok):
+    from transformers import GPT2Config
+    return GPT2Config(vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
+                      n_embd=model_args["n_embd"], n_layer=model_args["n_layer"], n_head=model_args["n_head"],
+                      activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                      layer_norm_epsilon=1e-5, bos_token_id=tok.eot, eos_token_id=list(tok.stop_ids),
+                      pad_token_id=tok.eot, tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+
+
+def hf_state_dict(model):
+    """model.py's weights under GPT2LMHeadModel's names. GPT-2 keeps its linear layers as
+    Conv1D, (in, out): transposed. Where model.py has no bias, GPT-2's is zero."""
+    out = {}
+    for name, p in model.state_dict().items():
+        if name.endswith(".weight") and p.dim() == 2 and ".h." in f".{name}" and "ln_" not in name:
+            p = p.t()
+        out[name] = p.contiguous().clone()
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" and module.bias is None:
+            out[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    return out
+
+
+def byte_level(b):
+    """GPT-2's bytes → printable characters table, as HF's ByteLevel pre-tokenizer uses it."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, n = {}, 0
+    for i in range(256):
+        table[i] = chr(i) if i in keep else chr(256 + n)
+        n += i not in keep
+    return "".join(table[x] for x in b)
+
+
+def merges_of(ranks):
+    """The merge that makes each token: its bytes BPE'd with only the lower ranks end in two
+    parts (how transformers converts tiktoken vocabularies). Merge priority = the rank."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 1:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs)
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            merges.append((byte_level(parts[0]), byte_level(parts[1])))
+    return merges
+
+
+def chat_template_jinja(template):
+    """The model's chat template as Jinja for apply_chat_template: the same text render_prompt
+    writes (the project encodes the role markers apart from the content, so at the markers
+    the token ids can differ from encoding the whole text at once)."""
+    if template == "chatml":
+        turn = "'<|im_start|>' + {role} + '\\n' + message['content'] + '<|im_end|>\\n'"
+        roles = {r: turn.format(role=repr(c)) for r, c in CHATML_ROLE.items()}
+        opener = "'<|im_start|>assistant\\n'"
+    else:
+        roles = {r: f"{PREFIX[r]!r} + message['content'] + " + ("'<|endoftext|>'" if r == "assistant" else "'\\n'")
+                 for r in PREFIX}
+        opener = repr(PREFIX["assistant"])
+    roles["tool"] = roles["observation"]
+    body = "".join(f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {r!r} -%}}{{{{ {text} }}}}"
+                   for i, (r, text) in enumerate(roles.items()))
+    return (f"{{%- for message in messages -%}}{body}{{%- endif -%}}{{%- endfor -%}}"
+            f"{{%- if add_generation_prompt -%}}{{{{ {opener} }}}}{{%- endif -%}}")
+
+
+def hf_tokenizer(tok, template):
+    """tokenizer.py's BPE as a transformers PreTrainedTokenizerFast."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    if tok.kind == "trimmed":
+        raise UserError(f"the trimmed vocabulary {tok.name} cannot be written as a Hugging Face tokenizer exactly "
+                        f"(it spells GPT-2 tokens it lacks as bytes): export a model trained with vocab='bpe' "
+                        f"(the demo's default) or vocab='gpt2'")
+    ranks = {t: i for i, t in enumerate(tok.token_bytes[:tok.eot])}
+    bpe = Tokenizer(models.BPE(vocab={byte_level(t): i for t, i in ranks.items()}, merges=merges_of(ranks)))
+    bpe.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   bos_token="<|endoftext|>", additional_special_tokens=list(SPECIALS),
+                                   chat_template=chat_template_jinja(template), clean_up_tokenization_spaces=False)
+    added = {"<|endoftext|>": tok.eot, SPECIALS[0]: tok.im_start, SPECIALS[1]: tok.im_end}
+    wrong = {t: fast.convert_tokens_to_ids(t) for t in added if fast.convert_tokens_to_ids(t) != added[t]}
+    if wrong:  # the special tokens must land on the model's ids: right after the ranks
+        raise UserError(f"special tokens got ids {wrong}, expected {added}")
+    return fast
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (its best.pt) or a .pt file")
+    p.add_argument("--dest", required=True, help="the folder to write (created; files in it are replaced)")
+    args = p.parse_args()
+    model, tok, ckpt = load_model(args.out_dir)
+    template = model_template(ckpt)
+    fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
+    from transformers import GenerationConfig, GPT2LMHeadModel
+    hf = GPT2LMHeadModel(hf_config(ckpt["model_args"], tok))
+    hf.load_state_dict(hf_state_dict(model), strict=True)
+    dest = Path(args.dest)
+    hf.save_pretrained(dest, safe_serialization=True)
+    GenerationConfig(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
+                     bos_token_id=tok.eot).save_pretrained(dest)
+    fast.save_pretrained(dest)
+    (dest / "miniglm.json").write_text(json.dumps({
+        "checkpoint": str(find_checkpoint(args.out_dir)), "vocab": tok.name, "template": template,
+        "kind": ckpt.get("kind"), "iter": ckpt["iter_num"]}, ensure_ascii=False, indent=2), encoding="utf-8")
+    print(f"wrote {dest}: GPT2LMHeadModel ({model.num_params() / 1e6:.2f}M parameters), tokenizer {tok.name}, "
+          f"chat template {template}; load it with AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
