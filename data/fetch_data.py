@@ -142,7 +142,7 @@ def records_to_docs(records, source, book_author=""):
         lines = r.get("paragraphs") or r.get("content") or r.get("para") or []
         lines = [lines] if isinstance(lines, str) else [ln.strip() for ln in lines if isinstance(ln, str) and ln.strip()]
         title = r.get("title") or r.get("rhythmic") or r.get("chapter") or ""
-        if r.get("rhythmic") and r.get("title") and r["rhythmic"] != r["title"]:
+        if r.get("rhythmic") and r.get("title") and not r["title"].startswith(r["rhythmic"]):  # 花间集 has both
             title = f"{r['rhythmic']}·{r['title']}"
         author = r.get("author") if isinstance(r.get("author"), str) else book_author
         author = re.sub(r"^\s*[（(][^）)]*[）)]|^[^：:]*[：:]", "", author or "").strip()
@@ -214,13 +214,19 @@ def fetch_chinese_poetry(args):
     return [d for ds in by_collection.values() for d in ds]
 
 
-def drop_duplicates(docs):
-    """The same poem in two collections (宋词三百首 is part of 宋词) once: the first copy."""
-    seen, kept = set(), []
+def clean_poetry(docs):
+    """The same poem in two collections (宋词三百首 is part of 宋词) once, the first copy; and
+    no text with a character the digital edition could not encode (U+FFFD, or a private-use
+    code point standing for a missing glyph): a model would learn to write them."""
+    seen, kept, unreadable = set(), [], 0
     for d in docs:
-        if d["text"] not in seen:
+        if any(c == "\ufffd" or "\ue000" <= c <= "\uf8ff" for c in d["text"]):
+            unreadable += 1
+        elif d["text"] not in seen:
             seen.add(d["text"])
             kept.append(d)
+    print(f"kept {len(kept):,} of {len(docs):,} documents: {len(docs) - len(kept) - unreadable:,} duplicates, "
+          f"{unreadable:,} with unreadable characters (U+FFFD, private use) left out")
     return kept
 
 
@@ -299,7 +305,7 @@ def main():
     if args.dataset == "chinese-poetry" and not args.keep_traditional:
         conversion = to_simplified(docs)
     if args.dataset == "chinese-poetry":
-        docs = drop_duplicates(docs)
+        docs = clean_poetry(docs)
     out_dir = Path(args.out_dir or DATA_DIR / (args.name if args.dataset == "local" else args.dataset))
     atomic_write(out_dir / "docs.jsonl", lambda f: f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), mode="w")
     poems = sum("lines" in d for d in docs)
