@@ -59,7 +59,7 @@ def read_log(out_dir, kind):
 
 @pytest.fixture(scope="session")
 def corpus_docs(tmp_path_factory):
-    """The embedded corpus (assets/embedded/: 6,286 classical texts), fetched as a user
+    """The embedded corpus (assets/embedded/: 6,281 classical texts), fetched as a user
     would: the tests need no apt package."""
     out = tmp_path_factory.mktemp("embedded")
     run_script("data/fetch_data.py", "embedded", "--out_dir", out)

@@ -228,15 +228,17 @@ def test_sft_batch_alignment_and_show(sft_dir):
 
 
 def test_show_prints_each_token_and_its_target(tmp_path, corpus_docs):
-    out = make_sft_data(corpus_docs, tmp_path, "--show", "1").stdout
-    table = out[out.index("--- sample 0"):].splitlines()[2:]
-    targets = [line.rsplit("|", 1)[1].strip() for line in table if line.count("|") == 3]
-    assert "-100" in targets and "50256" in targets  # masked question, trained end token
-    assert targets.index("50256") > targets.index("-100")
+    out = make_sft_data(corpus_docs, tmp_path, "--show", "6", "--block_size", "128").stdout
+    samples = ["--- sample" + s for s in out[out.index("--- sample 0"):].split("--- sample")[1:]]
+    tables = [[line for line in s.splitlines()[2:] if line.count("|") == 3] for s in samples]
+    targets = [[line.rsplit("|", 1)[1].strip() for line in t] for t in tables]
+    # a sample whose answer fits the row: masked question, then the trained end token (a cut
+    # answer does not train its end token)
+    whole = [t for t in targets if "50256" in t]
+    assert whole and all("-100" in t and t.index("50256") > t.index("-100") for t in whole)
     # readable for Chinese: the text with its trained span marked, whole characters in the table
-    sample = out[out.index("--- sample 0"):].splitlines()
-    assert sample[0].startswith("--- sample 0: 问:") and "\n答:⟦" in out and out.count("<|endoftext|>⟧") >= 1
-    texts = [line.split("|")[2].strip() for line in table if line.count("|") == 3]
+    assert samples[0].startswith("--- sample 0: 问:") and "\n答:⟦" in out and out.count("<|endoftext|>⟧") >= 1
+    texts = [line.split("|")[2].strip() for t in tables for line in t]
     assert "'问'" in texts and "·" in texts and "b'\\x" not in out
 
 
