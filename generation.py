@@ -140,11 +140,19 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 logits, _ = model(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
         else:
             logits, _ = model(idx[:, -block:], last_logits_only=True, pad=pad)
-        logits = penalize(logits[:, -1, :], written, seen, repetition_penalty, no_repeat_ngram)
+        logits = logits[:, -1, :]
+        scores = penalize(logits, written, seen, repetition_penalty, no_repeat_ngram)
         if constraint is not None:
-            allowed = np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
-                                for c, s in zip(rows, states)])
-            logits = logits.masked_fill(~torch.from_numpy(allowed).to(logits.device), float("-inf"))
+            allowed = torch.from_numpy(np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
+                                                 for c, s in zip(rows, states)])).to(logits.device)
+            scores = scores.masked_fill(~allowed, float("-inf"))
+            # a half-written character may have one way to end, which the n-gram rule can ban
+            # (a repeated character is a repeated n-gram of its byte tokens): the constraint wins
+            stuck = torch.isneginf(scores).all(dim=-1)
+            if no_repeat_ngram and bool(stuck.any()):
+                unbanned = penalize(logits, written, seen, repetition_penalty, 0).masked_fill(~allowed, float("-inf"))
+                scores = torch.where(stuck[:, None], unbanned, scores)
+        logits = scores
         next_id = sample_next(logits, temperature, top_k, top_p, generator)
         if constraint is not None:
             states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]

@@ -18,7 +18,7 @@ def test_penalties_equal_hf_transformers_logits_processors():
     for penalty in (1.0, 1.3, 0.7):
         want = RepetitionPenaltyLogitsProcessor(penalty)(written, logits.clone())
         assert torch.allclose(penalize(logits, written.tolist(), seen, penalty), want)
-    for n in (2, 3):
+    for n in range(2, len(pieces) + 1):
         want = NoRepeatNGramLogitsProcessor(n)(written, logits.clone())
         got = penalize(logits, written.tolist(), seen, 1.0, n)
         assert torch.equal(got.isinf(), want.isinf()) and got.isinf().any() and torch.equal(got[~got.isinf()], want[~want.isinf()])
@@ -52,7 +52,7 @@ def test_penalty_one_leaves_greedy_as_it_was():
 def test_no_repeat_ngram_never_repeats_an_ngram_of_the_answer():
     model = tiny()
     prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(2))
-    for n in (2, 3):
+    for n in range(2, len(pieces) + 1):
         out = generate(model, prompt, 18, temperature=0, no_repeat_ngram=n)[:, 4:].tolist()
         for row in out:
             grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
@@ -74,3 +74,20 @@ def test_batched_answers_equal_one_by_one_under_the_penalties(tiny_runs, tiny_sf
                             **settings) == one
         greedy = answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=20, batch_size=5)
         assert greedy != one  # the settings do change some answers
+
+
+def test_no_repeat_ngram_never_leaves_a_character_half_written():
+    """With GPT-2's byte tokens a repeated character repeats an n-gram: the rule may ban the
+    only token that ends the character being written. The constraint wins there."""
+    from constraint import make_constraint
+    from tokenizer import GPT2
+    tok = GPT2
+    pieces = tok.encode("龘")
+    assert len(pieces) >= 2  # GPT-2 spells it in byte pieces
+    model = GPT(GPTConfig(n_layer=1, n_head=1, n_embd=16, block_size=32, vocab_size=tok.vocab_size)).eval()
+    written = pieces + pieces[:-1]  # its last piece would repeat an n-gram of the answer
+    constraint = make_constraint(tok, "chars", chars="龘")
+    for n in range(2, len(pieces) + 1):
+        out = generate(model, torch.tensor([written]), 1, temperature=0, constraint=constraint,
+                       no_repeat_ngram=n, written=[written], states=[tok.decode_bytes(pieces[:-1])])
+        assert out[0, -1].item() == pieces[-1]
