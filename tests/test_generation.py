@@ -18,7 +18,7 @@ def test_penalties_equal_hf_transformers_logits_processors():
     for penalty in (1.0, 1.3, 0.7):
         want = RepetitionPenaltyLogitsProcessor(penalty)(written, logits.clone())
         assert torch.allclose(penalize(logits, written.tolist(), seen, penalty), want)
-    for n in range(2, len(pieces) + 1):
+    for n in (2, 3):
         want = NoRepeatNGramLogitsProcessor(n)(written, logits.clone())
         got = penalize(logits, written.tolist(), seen, 1.0, n)
         assert torch.equal(got.isinf(), want.isinf()) and got.isinf().any() and torch.equal(got[~got.isinf()], want[~want.isinf()])
@@ -52,7 +52,7 @@ def test_penalty_one_leaves_greedy_as_it_was():
 def test_no_repeat_ngram_never_repeats_an_ngram_of_the_answer():
     model = tiny()
     prompt = torch.randint(0, 64, (3, 4), generator=torch.Generator().manual_seed(2))
-    for n in range(2, len(pieces) + 1):
+    for n in (2, 3):
         out = generate(model, prompt, 18, temperature=0, no_repeat_ngram=n)[:, 4:].tolist()
         for row in out:
             grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
