@@ -68,7 +68,7 @@ def test_chatml_chosen_at_prepare_time_reaches_checkpoint_sample_and_evaluations
     expected = "".join(answer(model, tok, [], q, template="chatml", max_new_tokens=6, temperature=0))
     assert expected == answer_batch(model, tok, [q], template="chatml", max_new_tokens=6)[0]
     cli = run_script("sample.py", f"--out_dir={tmp_path / 'run'}", "--chat", f"--start={q}", "--temperature=0",
-                     "--repetition_penalty=1", "--max_new_tokens=6", "--constrain=off", "--device=cpu").stdout
+                     "--repetition_penalty=1", "--no_repeat_ngram=0", "--max_new_tokens=6", "--constrain=off", "--device=cpu").stdout
     assert cli.strip() == "答:" + expected.strip()
     run_script("evaluations.py", f"--out_dir={tmp_path / 'run'}", f"--sft_data={data}", "--questions=2",
                "--max_new_tokens=6", "--max_batches=1", "--constrain=off", "--report=none",
@@ -95,5 +95,5 @@ def test_sample_follows_the_checkpoint_template(tmp_path):
             model=model.state_dict(), model_args=vars(model.config), iter_num=0, tokenizer_sha256=VOCAB_SHA256,
             vocab=None, kind="sft", template=template if template == "chatml" else None))
         cli = run_script("sample.py", f"--out_dir={tmp_path / template}", "--chat", f"--start={q}", "--temperature=0",
-                         "--repetition_penalty=1", "--max_new_tokens=8", "--constrain=off", "--device=cpu").stdout
+                         "--repetition_penalty=1", "--no_repeat_ngram=0", "--max_new_tokens=8", "--constrain=off", "--device=cpu").stdout
         assert cli.rstrip("\n") == "答:" + by_template[template], template
