@@ -17,6 +17,9 @@ torchrun --standalone --nproc_per_node=1 train.py config/train_config.py --max_i
 echo "== fp16 + GradScaler, no compile"
 python3 train.py config/train_config.py --max_iters=20 --eval_interval=20 --dtype=float16 --compile=False \
   --out_dir="$OUT/fp16"
+echo "== the 45M body on the trained 8,192-token BPE (data/prepare.py makes it): compare val bits/char, not loss"
+python3 train.py config/train_config.py --vocab=bpe --vocab_size=8192 --max_iters=${ITERS:-300} --eval_interval=100 \
+  --out_dir="$OUT/pretrain-bpe"
 echo "== SFT from the pretrain"
 python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --max_iters=200 --out_dir="$OUT/sft"
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
