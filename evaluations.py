@@ -239,7 +239,8 @@ def main():
         if any(c is not None for c in cells):
             print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
     for i, (q, ref) in enumerate(questions[:args.show]):
-        print(f"\n问: {q}\n参考: {ref}")
+        short = ref if len(ref) <= 200 else ref[:200] + f"… ({len(ref):,} characters)"  # a whole 古文 is pages
+        print(f"\n问: {q}\n参考: {short}")
         for n in names:
             print(f"[{Path(n).name}] 答: {runs[n][1][i]}")
     out = {n: dict(runs[n][0], answers=[{"question": q, "reference": r, "answer": a, "greedy_answer": g}

@@ -102,6 +102,7 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
         return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
 
     for i, (q, ref) in enumerate(questions[:n_answers]):
+        ref = ref if len(ref) <= 200 else ref[:200] + f"… ({len(ref):,} characters)"
         lines += [f"**问:** {one_line(q)}  ", f"**参考:** {one_line(ref)}  "]
         lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in names]
         lines.append("")
