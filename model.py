@@ -195,6 +195,35 @@ class LinearCrossEntropy(torch.autograd.Function):
         return gx * scale, gw * scale, None, None, None
 
 
+class Optimizers:
+    """Several optimizers stepped as one (Muon + AdamW): the parts of torch.optim.Optimizer
+    that train.py and torch.amp.GradScaler use."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self):  # read each time: load_state_dict replaces the optimizers' group dicts
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    def step(self):
+        for o in self.optimizers:
+            o.step()
+
+    def zero_grad(self, set_to_none=True):
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self):
+        return {"optimizers": [o.state_dict() for o in self.optimizers]}
+
+    def load_state_dict(self, state):
+        if len(state.get("optimizers", ())) != len(self.optimizers):
+            raise ValueError("the checkpoint's optimizer state is not Muon + AdamW (was muon_lr changed?)")
+        for o, s in zip(self.optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+
+
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -274,15 +303,26 @@ class GPT(nn.Module):
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return logits, loss
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
+    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0):
+        """AdamW; with muon_lr > 0, Muon (torch.optim.Muon, as nanochat and modded-nanogpt use)
+        for the blocks' matrices and AdamW for the rest (embeddings, LayerNorm gains, biases),
+        which Muon's orthogonalised update does not suit. Each group's `lr_scale` is its
+        learning rate over learning_rate: train.py's schedule multiplies it."""
+        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+        hidden = [p for n, p in params if muon_lr > 0 and p.dim() == 2 and n.startswith("transformer.h.")]
+        rest = [p for n, p in params if not any(p is q for q in hidden)]
         # decay the matrices (matmuls, embeddings); not the LayerNorm gains or biases
-        params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
+            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
         ]
         # fused: one pass over each parameter, its gradient and both moments (CUDA, and CPU since torch 2.4)
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
+        if not hidden:
+            return adamw
+        muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
+                                weight_decay=0.0, adjust_lr_fn="original")
+        return Optimizers([muon, adamw])
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B style."""

@@ -49,8 +49,8 @@ DEFAULTS = dict(
     # batch: batch_size rows per micro-step, gradient_accumulation_steps micro-steps per
     # iteration in total (divided among DDP processes)
     batch_size=16, gradient_accumulation_steps=4,
-    # AdamW and the cosine schedule
-    learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0,
+    # AdamW and the cosine schedule; muon_lr > 0: Muon at that lr for the blocks' matrices
+    learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, muon_lr=0.0,
     decay_lr=True, warmup_iters=200, lr_decay_iters=None, min_lr=6e-5,  # lr_decay_iters None = max_iters
     # system
     device="auto",  # 'auto' = cuda > mps > cpu
@@ -203,8 +203,7 @@ def main(argv=None):
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     amp = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
     use_compile = c["compile"] if c["compile"] != "auto" else device_type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out_dir = Path(c["out_dir"])
     if master:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -239,9 +238,12 @@ def main(argv=None):
     # the chat template the SFT rows were written in: sample, Gradio and evaluations use it
     template = data.meta.get("template", "qa") if kind == "sft" else (ckpt or {}).get("template")
     scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]), device_type)
+    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                           device_type, c["muon_lr"])
     data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
     if c["init_from"] == "resume":
+        if ("optimizers" in ckpt["optimizer"]) != (c["muon_lr"] > 0):  # Muon + AdamW, or AdamW alone
+            raise UserError(f"{out_dir / 'ckpt.pt'}: its optimizer does not fit muon_lr={c['muon_lr']}: resume with the run's")
         optimizer.load_state_dict(ckpt["optimizer"])
         if "scaler" in ckpt:
             scaler.load_state_dict(ckpt["scaler"])
@@ -343,7 +345,7 @@ def main(argv=None):
 
         lr = get_lr(iter_num, c)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         # the whole iteration's rows, drawn once: micro-step k of process r takes row block k*world + r
         rows = data.sample_rows("train", c["gradient_accumulation_steps"] * c["batch_size"], data_gen)
         my_rows = rows.view(local_accum, world, c["batch_size"])[:, rank]

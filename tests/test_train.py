@@ -84,6 +84,26 @@ def test_two_node_torchrun_matches_single_process(tmp_path, pretrain_dir):
     assert_same_training(tmp_path / "single", tmp_path / "multi", iters=4)
 
 
+def test_muon_trains_and_resumes_exactly(tmp_path, pretrain_dir):
+    """muon_lr > 0: Muon steps the blocks' matrices, AdamW the rest; the loss falls, a resumed
+    run repeats the uninterrupted one, and resuming with the other optimizer is a one-line
+    error. (Under DDP Muon orthogonalises the all-reduced gradient like any optimizer; its
+    Newton-Schulz steps blow rounding noise in near-null directions up to whole-step size,
+    so a 1e-5 weight comparison with one process does not hold, and none is made.)"""
+    common = ["--muon_lr=0.02", "--learning_rate=2e-3", "--eval_interval=6", "--lr_decay_iters=12", "--block_size=64"]
+    run_train(tmp_path / "full", pretrain_dir, "--max_iters=12", *common)
+    losses = [s["loss"] for s in read_log(tmp_path / "full", "train")]
+    assert losses[-1] < losses[0] - 0.3  # (from ln(50304) = 10.8: 12 steps, 2 of them warmup)
+    muon, adamw = load_checkpoint(tmp_path / "full" / "ckpt.pt")["optimizer"]["optimizers"]
+    assert len(muon["state"]) == 4 * 2 and all("momentum_buffer" in v for v in muon["state"].values())  # 4 matrices x 2 layers
+    assert len(adamw["state"]) == 2 + 2 * 2 + 1  # wte (tied), wpe; 2 LayerNorms per layer; ln_f
+    run_train(tmp_path / "split", pretrain_dir, "--max_iters=6", *common)
+    run_train(tmp_path / "split", pretrain_dir, "--max_iters=12", "--init_from='resume'", *common)
+    assert [s["loss"] for s in read_log(tmp_path / "split", "train")] == losses
+    with pytest.raises(UserError, match=r"ckpt.pt: its optimizer does not fit muon_lr=0.0"):
+        run_train(tmp_path / "split", pretrain_dir, "--max_iters=14", "--init_from='resume'", *common[1:])
+
+
 def test_bad_config_keys_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="unknown config key 'n_layers'; valid keys: .*n_layer"):
         train.load_config(["--n_layers=3"])
