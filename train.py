@@ -43,7 +43,7 @@ DEFAULTS = dict(
     # model (ignored when the weights come from a checkpoint)
     n_layer=6, n_head=8, n_embd=512, block_size=512, dropout=0.0, bias=False,
     # 'gpt2' | 'trimmed' (the GPT-2 ids data_dir's corpus uses: a cheap output layer) | 'bpe'
-    # (data_dir's trained BPE: ~2.5x fewer tokens per Chinese character than GPT-2)
+    # (data_dir's trained BPE: ~2.4x fewer tokens per Chinese character than GPT-2)
     vocab="gpt2",
     vocab_size=8192,  # vocab='bpe': which of data_dir's BPEs (prepare.py --bpe_vocab_size); the others ignore it
     # batch: batch_size rows per micro-step, gradient_accumulation_steps micro-steps per
