@@ -217,10 +217,8 @@ class Optimizers:
     def state_dict(self):
         return {"optimizers": [o.state_dict() for o in self.optimizers]}
 
-    def load_state_dict(self, state):
-        if len(state.get("optimizers", ())) != len(self.optimizers):
-            raise ValueError("the checkpoint's optimizer state is not Muon + AdamW (was muon_lr changed?)")
-        for o, s in zip(self.optimizers, state["optimizers"]):
+    def load_state_dict(self, state):  # train.py checks the kind first, with a one-line error
+        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
             o.load_state_dict(s)
 
 
@@ -308,9 +306,10 @@ class GPT(nn.Module):
         for the blocks' matrices and AdamW for the rest (embeddings, LayerNorm gains, biases),
         which Muon's orthogonalised update does not suit. Each group's `lr_scale` is its
         learning rate over learning_rate: train.py's schedule multiplies it."""
-        params = [(n, p) for n, p in self.named_parameters() if p.requires_grad]
-        hidden = [p for n, p in params if muon_lr > 0 and p.dim() == 2 and n.startswith("transformer.h.")]
-        rest = [p for n, p in params if not any(p is q for q in hidden)]
+        hidden, rest = [], []
+        for n, p in self.named_parameters():
+            if p.requires_grad:
+                (hidden if muon_lr > 0 and p.dim() == 2 and n.startswith("transformer.h.") else rest).append(p)
         # decay the matrices (matmuls, embeddings); not the LayerNorm gains or biases
         groups = [
             {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
