@@ -2,7 +2,8 @@
 # What only a GPU can show, in one go (the figures in benchmarks/README.md came from it):
 # the 45M pretrain with torch.compile + bf16 AMP, the same under torchrun DDP (nccl),
 # fp16 with GradScaler, SFT from the pretrain, and the throughput benchmarks.
-# Needs data/fortunes-zh and data/sft prepared (data/fetch_data.py, prepare.py, prepare_sft.py).
+# Needs data/fortunes-zh prepared (data/fetch_data.py, prepare.py); it makes its own GPT-2 SFT data
+# (data/sft is the demo's, in the demo's trained BPE).
 set -euo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-check}
@@ -21,17 +22,20 @@ echo "== the 45M body on the trained 8,192-token BPE (data/prepare.py makes it):
 python3 train.py config/train_config.py --vocab=bpe --vocab_size=8192 --max_iters=${ITERS:-300} --eval_interval=100 \
   --out_dir="$OUT/pretrain-bpe"
 echo "== SFT from the pretrain"
-python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --max_iters=200 --out_dir="$OUT/sft"
+python3 data/prepare_sft.py --vocab="$OUT/pretrain" --out_dir="$OUT/sft-data"
+python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --data_dir="$OUT/sft-data" --max_iters=200 \
+  --out_dir="$OUT/sft"
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
+echo "== generation: decode modes at batch 1 and 32 (the SFT model above)"
+python3 benchmarks/bench_generate.py --out_dir="$OUT/sft" --decode=eager,static,compiled --batch=32
 echo "== benchmarks"
 python3 benchmarks/bench_train.py config/train_tiny_cpu.py --iters=20
 # MFU and where a step's time goes: the chunked loss (model.LinearCrossEntropy, bf16 matmuls,
-# fp32 softmax) at two chunk sizes against the plain loss (0, the CUDA default so far), then
-# the compile mode that autotunes the matmuls
+# fp32 softmax) at two chunk sizes against the plain loss (0, the CUDA default so far)
 python3 benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,1024,0 --profile
-python3 benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,0 \
-  --compile_mode=max-autotune-no-cudagraphs
 echo "== 45M pretrain with the chunked loss: the val loss should track the plain run above"
 python3 train.py config/train_config.py --max_iters=${ITERS:-300} --eval_interval=100 --loss_chunk_rows=4096 \
   --out_dir="$OUT/pretrain-chunked"
-python3 benchmarks/bench_generate.py --out_dir="$OUT/sft" --decode=eager,static,compiled --batch=32
+echo "== last (its autotuning compiles for minutes): the compile mode that autotunes the matmuls"
+python3 benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,0 \
+  --compile_mode=max-autotune-no-cudagraphs
