@@ -10,8 +10,9 @@ loads (tokenizer.json, with the chat template the model was fine-tuned with).
   ids = tok.apply_chat_template([{"role": "user", "content": "《静夜思》的作者是谁?"}], add_generation_prompt=True,
                                 return_tensors="pt", return_dict=True)
 
-The model is GPT-2's architecture (GPT2LMHeadModel) with exact GELU and zero biases: it
-computes what model.py computes. The tokenizer is the same BPE (full GPT-2 or the trained
+The model is GPT-2's architecture (GPT2LMHeadModel) with exact GELU and zero biases, or,
+for a model trained with rope=True, GPT-NeoX's (GPTNeoXForCausalLM: sequential residuals,
+full rotary dimensions): either computes what model.py computes. The tokenizer is the same BPE (full GPT-2 or the trained
 one) as an HF byte-level BPE with the same split pattern: the same ids as tokenizer.py's.
 A trimmed vocabulary spells GPT-2 tokens it lacks as bytes, which no HF tokenizer does:
 it is refused. generation_config is greedy with both end tokens; the project's default
@@ -37,6 +38,41 @@ def hf_config(model_args, tok):
                       activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                       layer_norm_epsilon=1e-5, bos_token_id=tok.eot, eos_token_id=list(tok.stop_ids),
                       pad_token_id=tok.eot, tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
+
+
+def neox_config(model_args, tok):
+    from transformers import GPTNeoXConfig
+    d = model_args["n_embd"]
+    return GPTNeoXConfig(vocab_size=model_args["vocab_size"], hidden_size=d, num_hidden_layers=model_args["n_layer"],
+                         num_attention_heads=model_args["n_head"], intermediate_size=4 * d, hidden_act="gelu",
+                         max_position_embeddings=model_args["block_size"], layer_norm_eps=1e-5,
+                         use_parallel_residual=False, attention_bias=True, tie_word_embeddings=True,
+                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
+                         bos_token_id=tok.eot, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
+                         architectures=["GPTNeoXForCausalLM"])
+
+
+NEOX_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_attn": "attention.query_key_value",
+              "attn.c_proj": "attention.dense", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
+
+
+def neox_state_dict(model):
+    """model.py's weights under GPTNeoXForCausalLM's names. NeoX's fused qkv is laid out head
+    by head (q, k, v of head 0, then of head 1, ...); model.py's is all q, all k, all v."""
+    c, sd = model.config, model.state_dict()
+    zeros = lambda n: torch.zeros(n, dtype=model.lm_head.weight.dtype)  # noqa: E731
+    out = {"gpt_neox.embed_in.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["lm_head.weight"],
+           "gpt_neox.final_layer_norm.weight": sd["transformer.ln_f.weight"],
+           "gpt_neox.final_layer_norm.bias": sd.get("transformer.ln_f.bias", zeros(c.n_embd))}
+    for i in range(c.n_layer):
+        for ours, theirs in NEOX_NAMES.items():
+            w = sd[f"transformer.h.{i}.{ours}.weight"]
+            b = sd.get(f"transformer.h.{i}.{ours}.bias", zeros(w.shape[0]))
+            if ours == "attn.c_attn":
+                w = w.view(3, c.n_head, -1, c.n_embd).transpose(0, 1).reshape(3 * c.n_embd, c.n_embd)
+                b = b.view(3, c.n_head, -1).transpose(0, 1).reshape(-1)
+            out[f"gpt_neox.layers.{i}.{theirs}.weight"], out[f"gpt_neox.layers.{i}.{theirs}.bias"] = w, b
+    return {k: v.contiguous().clone() for k, v in out.items()}
 
 
 def hf_state_dict(model):
@@ -131,9 +167,13 @@ def main():
     model, tok, ckpt = load_model(args.out_dir)
     template = model_template(ckpt)
     fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
-    from transformers import GenerationConfig, GPT2LMHeadModel
-    hf = GPT2LMHeadModel(hf_config(ckpt["model_args"], tok))
-    hf.load_state_dict(hf_state_dict(model), strict=True)
+    from transformers import GenerationConfig, GPT2LMHeadModel, GPTNeoXForCausalLM
+    if model.config.rope:
+        hf = GPTNeoXForCausalLM(neox_config(ckpt["model_args"], tok))
+        hf.load_state_dict(neox_state_dict(model), strict=True)
+    else:
+        hf = GPT2LMHeadModel(hf_config(ckpt["model_args"], tok))
+        hf.load_state_dict(hf_state_dict(model), strict=True)
     dest = Path(args.dest)
     hf.save_pretrained(dest, safe_serialization=True)
     GenerationConfig(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
@@ -142,7 +182,7 @@ def main():
     (dest / "miniglm.json").write_text(json.dumps({
         "checkpoint": str(find_checkpoint(args.out_dir)), "vocab": tok.name, "template": template,
         "kind": ckpt.get("kind"), "iter": ckpt["iter_num"]}, ensure_ascii=False, indent=2), encoding="utf-8")
-    print(f"wrote {dest}: GPT2LMHeadModel ({model.num_params() / 1e6:.2f}M parameters), tokenizer {tok.name}, "
+    print(f"wrote {dest}: {type(hf).__name__} ({model.num_params() / 1e6:.2f}M parameters), tokenizer {tok.name}, "
           f"chat template {template}; load it with AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
 
 

@@ -1,7 +1,8 @@
 """
 A decoder-only GPT in the style of nanoGPT: pre-LayerNorm blocks, causal attention through
 F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and scaled
-residual init. forward() takes an optional loss_mask (SFT) and optional segment ids
+residual init; positions are learned (GPT-2) or rotary (rope=True: RoPE as GPT-NeoX and
+Llama apply it, no position table). forward() takes an optional loss_mask (SFT) and optional segment ids
 (packed SFT blocks: attention and positions stay inside each sample); with loss_chunk_rows
 set, its loss runs through LinearCrossEntropy (chunked, the full logits never held).
 forward() takes a KVCache for incremental decoding; decode_step is one decode step over a
@@ -28,6 +29,24 @@ class GPTConfig:
     n_embd: int = 512
     dropout: float = 0.0
     bias: bool = False  # biases in Linear/LayerNorm: slightly slower, no better at this size
+    rope: bool = False  # rotary positions instead of a learned table (export_hf writes GPT-NeoX then)
+
+
+def rotary_cos_sin(pos, head_dim, base=10000.0):
+    """RoPE's angles for positions pos, (T,) or (B, T): cos and sin that broadcast over
+    (B, heads, T, head_dim / 2). Computed in fp32, as HF's GPT-NeoX does."""
+    inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim)
+    angles = pos.float()[..., None] * inv_freq
+    if angles.dim() == 3:  # per-row positions (packed or left-padded batches)
+        angles = angles[:, None]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(t, cos, sin):
+    """Rotate each head's two halves (GPT-NeoX's rotate_half convention)."""
+    t1, t2 = t.chunk(2, dim=-1)
+    cos, sin = cos.to(t.dtype), sin.to(t.dtype)
+    return torch.cat([t1 * cos - t2 * sin, t1 * sin + t2 * cos], dim=-1)
 
 
 class KVCache:
@@ -49,16 +68,17 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
-        self.dropout = config.dropout
         # the fixed-shape cache of GPT.static_cache: buffers, so that a compiled decode step
         # (CUDA graphs) may write them in place; not saved with the weights
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None):
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        if rope is not None:  # keys are cached rotated, so a cached prefix needs no recomputing
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         is_causal = attn_mask is None
         if slot is not None:  # GPT.decode_step: one token, written at `slot`; attn_mask says which slots count
             self.k_cache.index_copy_(2, slot, k)
@@ -73,8 +93,9 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        # no dropout on the attention probabilities: on the CPU it forces SDPA's slow path (+16-30% a
+        # step); dropout on the residual branches regularised the demo as well (benchmarks/README.md)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -98,8 +119,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, slot)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, slot, rope)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -228,7 +249,7 @@ class GPT(nn.Module):
         self.config = config
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **({} if config.rope else {"wpe": nn.Embedding(config.block_size, config.n_embd)}),
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
@@ -258,7 +279,13 @@ class GPT(nn.Module):
         """All parameters (the tied embedding counted once); non_embedding drops the
         position embedding too, as nanoGPT's FLOP estimate does."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
+
+    def embed(self, idx, pos):
+        """Token embeddings plus learned positions, or the tokens alone and RoPE's (cos, sin)."""
+        if self.config.rope:
+            return self.transformer.wte(idx), rotary_cos_sin(pos, self.config.n_embd // self.config.n_head)
+        return self.transformer.wte(idx) + self.transformer.wpe(pos), None
 
     def forward(self, idx, targets=None, loss_mask=None, segment_ids=None, kv_cache=None,
                 last_logits_only=False, pad=None):
@@ -273,9 +300,10 @@ class GPT(nn.Module):
             pos, attn_mask = left_padded_positions_and_mask(pad, start, T)
         else:
             pos = torch.arange(start, start + T, device=idx.device)
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x, rope = self.embed(idx, pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i)
+            x = block(x, attn_mask, kv_cache, i, rope=rope)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
@@ -319,8 +347,9 @@ class GPT(nn.Module):
         adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
         if not hidden:
             return adamw
+        # Muon decays its matrices too (decoupled: lr x weight_decay per step), which helped the demo
         muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                                weight_decay=0.0, adjust_lr_fn="original")
+                                weight_decay=weight_decay, adjust_lr_fn="original")
         return Optimizers([muon, adamw])
 
     def flops_per_token(self):
@@ -349,9 +378,9 @@ class GPT(nn.Module):
         step compiles to one graph. The same computation as forward() with a KVCache."""
         slots = torch.arange(self.config.block_size, device=idx.device)
         attend = ((slots[None, :] <= slot) & (slots[None, :] >= pad[:, None]))[:, None, None, :]
-        x = self.transformer.wte(idx) + self.transformer.wpe((slot - pad)[:, None])
+        x, rope = self.embed(idx, (slot - pad)[:, None])
         for block in self.transformer.h:
-            x = block(x, attend, slot=slot)
+            x = block(x, attend, slot=slot, rope=rope)
         return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
 
     def compiled_decode_step(self):

@@ -41,7 +41,7 @@ DEFAULTS = dict(
     log_interval=10,
     eval_only=False,
     # model (ignored when the weights come from a checkpoint)
-    n_layer=6, n_head=8, n_embd=512, block_size=512, dropout=0.0, bias=False,
+    n_layer=6, n_head=8, n_embd=512, block_size=512, dropout=0.0, bias=False, rope=False,  # rope: rotary positions
     # 'gpt2' | 'trimmed' (the GPT-2 ids data_dir's corpus uses: a cheap output layer) | 'bpe'
     # (data_dir's trained BPE: ~2.4x fewer tokens per Chinese character than GPT-2)
     vocab="gpt2",
@@ -214,7 +214,7 @@ def main(argv=None):
     if c["init_from"] == "scratch":
         tok, chars = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]), ""
         model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                          dropout=c["dropout"], bias=c["bias"], vocab_size=tok.vocab_size)
+                          dropout=c["dropout"], bias=c["bias"], rope=c["rope"], vocab_size=tok.vocab_size)
         model = GPT(GPTConfig(**model_args))
     else:
         ckpt = load_checkpoint(out_dir / "ckpt.pt" if c["init_from"] == "resume" else c["init_from"])
@@ -229,7 +229,7 @@ def main(argv=None):
     # the config saved with the checkpoints tells the model that was trained, also where
     # the shape and vocabulary came from a checkpoint rather than from these keys
     c.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")},
-             vocab=tok.kind)
+             vocab=tok.kind, rope=model_args.get("rope", False))
     data = open_data(c["data_dir"], model_args["block_size"], tok)
     kind = "sft" if isinstance(data, SFTData) else "pretrain"
     # the characters the model has seen in training: by default generation writes no other

@@ -125,13 +125,13 @@ def tiny_sft_data(tiny_runs):
 @pytest.fixture(scope="session")
 def vocab_runs(pretrain_dir, corpus_docs, tmp_path_factory):
     """A tiny pretrain and its packed SFT for the full GPT-2 vocabulary and the trained BPE
-    (tiny_runs has the trimmed one)."""
+    (tiny_runs has the trimmed one). The BPE model has rotary positions, as the demo's."""
     import train
     runs = {}
     for vocab in ("gpt2", "bpe"):
         out = tmp_path_factory.mktemp(vocab)
         train.main([*TINY, "--block_size=64", f"--vocab={vocab}", f"--data_dir={pretrain_dir}", f"--out_dir={out / 'pre'}",
-                    "--max_iters=20", "--eval_interval=10"])
+                    "--max_iters=20", "--eval_interval=10", f"--rope={vocab == 'bpe'}"])
         make_sft_data(corpus_docs, out / "sft-data", "--vocab", out / "pre", "--pack")
         train.main([*TINY, f"--data_dir={out / 'sft-data'}", f"--out_dir={out / 'sft'}", "--max_iters=10",
                     f"--init_from={out / 'pre' / 'best.pt'}", "--eval_interval=5", "--batch_size=8"])

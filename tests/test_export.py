@@ -18,7 +18,10 @@ def exported(request, vocab_runs, tmp_path_factory):
     src, dest = vocab_runs[request.param] / "sft", tmp_path_factory.mktemp(f"hf-{request.param}")
     run_script("export_hf.py", f"--out_dir={src}", f"--dest={dest}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    return load_model(src), AutoModelForCausalLM.from_pretrained(dest).eval(), AutoTokenizer.from_pretrained(dest)
+    hf = AutoModelForCausalLM.from_pretrained(dest).eval()
+    # the BPE run has rotary positions (as the demo): GPT-NeoX's architecture carries them
+    assert type(hf).__name__ == {"gpt2": "GPT2LMHeadModel", "bpe": "GPTNeoXForCausalLM"}[request.param]
+    return load_model(src), hf, AutoTokenizer.from_pretrained(dest)
 
 
 def test_tokenizer_gives_the_projects_ids(exported):

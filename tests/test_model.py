@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -127,8 +128,9 @@ def test_model_loss_mask_path_equals_full_logits():
     assert torch.allclose(fast, masked_cross_entropy(logits, y, mask), atol=1e-6)
 
 
-def test_kv_cache_generation_equals_recompute():
-    model = tiny()
+@pytest.mark.parametrize("rope", [False, True])
+def test_kv_cache_generation_equals_recompute(rope):
+    model = tiny(rope=rope)
     prompt = torch.randint(0, 64, (2, 5))
     cached = generate(model, prompt, 30, temperature=0, use_cache=True)  # runs past block_size (24) too
     plain = generate(model, prompt, 30, temperature=0, use_cache=False)
@@ -148,8 +150,9 @@ def sharp(model):
     return model
 
 
-def test_static_decode_step_equals_the_growing_cache():
-    model = sharp(tiny())
+@pytest.mark.parametrize("rope", [False, True])
+def test_static_decode_step_equals_the_growing_cache(rope):
+    model = sharp(tiny(rope=rope))
     prompts = torch.randint(0, 64, (3, 9))
     pad = torch.tensor([0, 4, 7])  # left padding: rows of 9, 5 and 2 real tokens
     eager = generate(model, prompts, 12, temperature=0, pad=pad)
@@ -195,8 +198,9 @@ def test_generation_stops_at_stop_token():
     assert out == free[:first + 1]  # same tokens up to and including the first stop token
 
 
-def test_packed_block_equals_samples_run_alone():
-    model = tiny()
+@pytest.mark.parametrize("rope", [False, True])
+def test_packed_block_equals_samples_run_alone(rope):
+    model = tiny(rope=rope)
     a, b, c = torch.randint(0, 64, (1, 7)), torch.randint(0, 64, (1, 10)), torch.randint(0, 64, (1, 5))
     packed = torch.cat([a, b, c, torch.zeros(1, 2, dtype=torch.long)], dim=1)
     seg = torch.tensor([[1] * 7 + [2] * 10 + [3] * 5 + [0] * 2])
