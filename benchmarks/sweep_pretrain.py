@@ -1,0 +1,106 @@
+"""Iteration-matched variants of the demo's pretraining (3x128, BPE 8192, batch 8x256, Muon .01
++ AdamW 2e-3, 1,400 iterations), full-val bits/char. A standalone loop over model.py in fp32,
+so that many variants run side by side (the tables in benchmarks/README.md came from an H100,
+six processes at a time, and the 2-core CPU):
+
+  python benchmarks/sweep_pretrain.py --name rope_drop --rope 1 --dropout 0.05 --mwd 0.1 --device cpu
+"""
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from model import GPT, GPTConfig  # noqa: E402
+
+p = argparse.ArgumentParser()
+p.add_argument("--name", default="base"); p.add_argument("--iters", type=int, default=1400)
+p.add_argument("--lr", type=float, default=2e-3); p.add_argument("--mlr", type=float, default=0.01)
+p.add_argument("--L", type=int, default=3); p.add_argument("--d", type=int, default=128); p.add_argument("--H", type=int, default=2)
+p.add_argument("--bs", type=int, default=8); p.add_argument("--T", type=int, default=256)
+p.add_argument("--dropout", type=float, default=0.0); p.add_argument("--rope", type=int, default=0)
+p.add_argument("--docmask", type=int, default=0); p.add_argument("--wd", type=float, default=0.1)
+p.add_argument("--mwd", type=float, default=0.0); p.add_argument("--minfrac", type=float, default=0.1)
+p.add_argument("--sched", default="cos"); p.add_argument("--ema", type=float, default=0.0)
+p.add_argument("--data", default="data/fortunes-zh"); p.add_argument("--train", help="train token file (default <data>/train.bpe-8192.bin)"); p.add_argument("--seed", type=int, default=1337)
+p.add_argument("--device", default="cuda"); p.add_argument("--threads", type=int, default=0)
+a = p.parse_args()
+dev = a.device
+torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
+torch.manual_seed(a.seed)
+if a.threads: torch.set_num_threads(a.threads)
+T, EOT = a.T, 8192 - 3  # <|endoftext|> is the first special token after the ranks
+d = a.data
+train = np.fromfile(a.train or f"{d}/train.bpe-8192.bin", dtype=np.uint16).astype(np.int64)
+val = np.fromfile(f"{d}/val.bpe-8192.bin", dtype=np.uint16).astype(np.int64)
+meta = json.loads(Path(d, "meta.json").read_text())
+val_chars = meta["val_chars"]
+assert meta["vocabularies"]["bpe-8192"]["val_tokens"] == len(val)
+
+
+m = GPT(GPTConfig(block_size=T, vocab_size=8192, n_layer=a.L, n_head=a.H, n_embd=a.d, dropout=a.dropout, rope=bool(a.rope))).to(dev)
+m.loss_chunk_rows = 0
+hidden = [q for n, q in m.named_parameters() if q.requires_grad and q.dim() == 2 and n.startswith("transformer.h.")]
+rest = [q for n, q in m.named_parameters() if q.requires_grad and not (q.dim() == 2 and n.startswith("transformer.h."))]
+opts = [torch.optim.Muon(hidden, lr=a.mlr, weight_decay=a.mwd, adjust_lr_fn="original"),
+        torch.optim.AdamW([{"params": [q for q in rest if q.dim() >= 2], "weight_decay": a.wd},
+                           {"params": [q for q in rest if q.dim() < 2], "weight_decay": 0.0}], lr=a.lr, betas=(0.9, 0.99))]
+for o in opts:
+    for g in o.param_groups: g["base"] = g["lr"]
+ema = [q.detach().clone() for q in m.parameters()] if a.ema else None
+gen = torch.Generator().manual_seed(a.seed)
+
+def segs(x):  # a document's <|endoftext|> ends its segment; the next document starts at 0
+    e = (x == EOT).long()
+    return torch.cumsum(e, 1) - e
+
+def batch():
+    ix = torch.randint(len(train) - T - 1, (a.bs,), generator=gen)
+    x = torch.stack([torch.from_numpy(train[i:i + T]) for i in ix]).to(dev)
+    y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + T]) for i in ix]).to(dev)
+    return x, y
+
+@torch.no_grad()
+def evalbpc():
+    m.eval(); tot = 0.0; v = torch.from_numpy(val).to(dev)
+    n = (len(v) - 1) // T
+    xs = v[:n * T].view(n, T); ys = v[1:n * T + 1].view(n, T)
+    for s in range(0, n, 32):
+        x, y = xs[s:s + 32], ys[s:s + 32]
+        _, loss = m(x, y, segment_ids=segs(x) if a.docmask else None); tot += loss.item() * y.numel()
+    r = len(v) - 1 - n * T
+    if r:
+        x = v[n * T:n * T + r][None]; y = v[n * T + 1:][None]
+        _, loss = m(x, y, segment_ids=segs(x) if a.docmask else None); tot += loss.item() * y.numel()
+    m.train(); return tot / val_chars / math.log(2)
+
+t0 = time.time(); w = 30
+for it in range(a.iters):
+    if it < w: r = (it + 1) / (w + 1)
+    elif a.sched == "cos": r = a.minfrac + (1 - a.minfrac) * 0.5 * (1 + math.cos(math.pi * (it - w) / (a.iters - w)))
+    elif a.sched == "wsd":  # constant, then linear to minfrac over the last 30%
+        f = max(0.0, (it - 0.7 * a.iters) / (0.3 * a.iters)); r = 1 - (1 - a.minfrac) * f
+    else:  # linear decay
+        r = 1 - (1 - a.minfrac) * (it - w) / (a.iters - w)
+    for o in opts:
+        for g in o.param_groups: g["lr"] = g["base"] * r
+    x, y = batch()
+    _, loss = m(x, y, segment_ids=segs(x) if a.docmask else None); loss.backward()
+    torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+    for o in opts: o.step(); o.zero_grad(set_to_none=True)
+    if ema is not None:
+        with torch.no_grad():
+            for e_, q in zip(ema, m.parameters()): e_.lerp_(q, 1 - a.ema)
+    if (it + 1) % 350 == 0:
+        print(a.name, it + 1, f"loss {loss.item():.3f} val bpc {evalbpc():.4f} t {time.time() - t0:.0f}s", flush=True)
+final = evalbpc()
+if ema is not None:
+    with torch.no_grad():
+        for e_, q in zip(ema, m.parameters()): q.copy_(e_)
+    print(a.name, "ema", f"{evalbpc():.4f}")
+print(f"RESULT {a.name} bpc {final:.4f} time {time.time() - t0:.0f}s", flush=True)
