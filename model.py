@@ -2,9 +2,10 @@
 A decoder-only GPT in the style of nanoGPT: pre-LayerNorm blocks, causal attention through
 F.scaled_dot_product_attention, a GELU MLP, tied input/output embeddings and scaled
 residual init; positions are learned (GPT-2) or rotary (rope=True: RoPE as GPT-NeoX and
-Llama apply it, no position table). forward() takes an optional loss_mask (SFT) and optional segment ids
-(packed SFT blocks: attention and positions stay inside each sample); with loss_chunk_rows
-set, its loss runs through LinearCrossEntropy (chunked, the full logits never held).
+Llama apply it, no position table). forward() takes an optional loss_mask (SFT) and
+optional segment ids (packed SFT blocks: attention and positions stay inside each sample);
+with loss_chunk_rows set, its loss runs through LinearCrossEntropy (chunked, the full
+logits never held).
 forward() takes a KVCache for incremental decoding; decode_step is one decode step over a
 fixed-shape cache (static_cache), compiled to a CUDA graph per step on a GPU. The decode
 loop itself, sampling and the penalties are in generation.py.
