@@ -3,7 +3,8 @@
 # on its train split, on one GPU: pretrain, SFT, evaluate. Val bits/char compares the two (their
 # losses per token do not). Prepare on any machine first (fetch_data needs opencc, prepare rustbpe):
 #   python data/fetch_data.py chinese-poetry && python data/prepare.py chinese-poetry --bpe_vocab_size 16384
-#   SFT="--poems data/chinese-poetry/docs.jsonl data/fortunes-zh/docs.jsonl --max_poems 20000 --block_size 512 --pack"
+#   SFT="--poems data/chinese-poetry/docs.jsonl data/fortunes-zh/docs.jsonl --max_poems 20000 --block_size 512 --pack --no-all_next_lines"
+#   (--no-all_next_lines: the set as it was measured, before every 下一句 pair became the default)
 #   python data/prepare_sft.py $SFT --out_dir data/sft-cp-gpt2
 #   python data/prepare_sft.py $SFT --vocab data/chinese-poetry/bpe-16384.json --out_dir data/sft-cp-bpe
 # then: VOCABS="bpe gpt2" bash benchmarks/gpu_poetry.sh   (logs and eval-*.json in $OUT)

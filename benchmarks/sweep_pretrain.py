@@ -4,6 +4,8 @@ so that many variants run side by side (the tables in benchmarks/README.md came 
 six processes at a time, and the 2-core CPU):
 
   python benchmarks/sweep_pretrain.py --name rope_drop --rope 1 --dropout 0.05 --mwd 0.1 --device cpu
+  python benchmarks/sweep_pretrain.py --name relu2 --rope 1 --dropout 0.05 --mwd 0.1 --act relu2 --iters 1500
+  python data/prepare.py fortunes-zh --bpe_vocab_size 4096 8192   # then --vocab 4096
 """
 import argparse
 import json
@@ -28,23 +30,33 @@ p.add_argument("--docmask", type=int, default=0); p.add_argument("--wd", type=fl
 p.add_argument("--mwd", type=float, default=0.0); p.add_argument("--minfrac", type=float, default=0.1)
 p.add_argument("--sched", default="cos"); p.add_argument("--ema", type=float, default=0.0)
 p.add_argument("--data", default="data/fortunes-zh"); p.add_argument("--train", help="train token file (default <data>/train.bpe-8192.bin)"); p.add_argument("--seed", type=int, default=1337)
+p.add_argument("--vocab", type=int, default=8192); p.add_argument("--act", default="gelu", choices=["gelu", "relu2"])
+p.add_argument("--untied", type=int, default=0)
 p.add_argument("--device", default="cuda"); p.add_argument("--threads", type=int, default=0)
 a = p.parse_args()
 dev = a.device
 torch.backends.cuda.matmul.allow_tf32 = False; torch.backends.cudnn.allow_tf32 = False
 torch.manual_seed(a.seed)
 if a.threads: torch.set_num_threads(a.threads)
-T, EOT = a.T, 8192 - 3  # <|endoftext|> is the first special token after the ranks
+T, V = a.T, a.vocab
+EOT = V - 3  # <|endoftext|> is the first special token after the ranks
 d = a.data
-train = np.fromfile(a.train or f"{d}/train.bpe-8192.bin", dtype=np.uint16).astype(np.int64)
-val = np.fromfile(f"{d}/val.bpe-8192.bin", dtype=np.uint16).astype(np.int64)
+train = np.fromfile(a.train or f"{d}/train.bpe-{V}.bin", dtype=np.uint16).astype(np.int64)
+val = np.fromfile(f"{d}/val.bpe-{V}.bin", dtype=np.uint16).astype(np.int64)
 meta = json.loads(Path(d, "meta.json").read_text())
 val_chars = meta["val_chars"]
-assert meta["vocabularies"]["bpe-8192"]["val_tokens"] == len(val)
+assert meta["vocabularies"][f"bpe-{V}"]["val_tokens"] == len(val)
+if a.act == "relu2":  # ReLU squared (modded-nanogpt) in place of GELU
+    import types
+    import model as model_module
+    model_module.F = types.SimpleNamespace(**vars(torch.nn.functional))
+    model_module.F.gelu = lambda t: torch.relu(t).square()
 
 
-m = GPT(GPTConfig(block_size=T, vocab_size=8192, n_layer=a.L, n_head=a.H, n_embd=a.d, dropout=a.dropout, rope=bool(a.rope))).to(dev)
-m.loss_chunk_rows = 0
+m = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=a.L, n_head=a.H, n_embd=a.d, dropout=a.dropout, rope=bool(a.rope))).to(dev)
+if a.untied:  # a separate input embedding (the output layer keeps the tied init's weights)
+    m.transformer.wte.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
+m.loss_chunk_rows = 512 if dev == "cpu" else 0  # as train.py's auto
 hidden = [q for n, q in m.named_parameters() if q.requires_grad and q.dim() == 2 and n.startswith("transformer.h.")]
 rest = [q for n, q in m.named_parameters() if q.requires_grad and not (q.dim() == 2 and n.startswith("transformer.h."))]
 opts = [torch.optim.Muon(hidden, lr=a.mlr, weight_decay=a.mwd, adjust_lr_fn="original"),

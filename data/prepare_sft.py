@@ -45,8 +45,10 @@ def clauses(lines):
     return [c for ln in lines for c in re.split(r"[，,。？！；：、?!;:]", ln) if c.strip()]
 
 
-def poem_conversations(poem, rng):
-    """Questions about one poem, answered from its text."""
+def poem_conversations(poem, rng, all_next_lines=True):
+    """Questions about one poem, answered from its text. all_next_lines adds a 下一句 question
+    for every other pair of half-lines too, marked train_only (the held-out questions stay
+    the same set); they drill copying the question's line into the answer."""
     title, author, lines = poem["title"], poem["author"], poem["lines"]
     body = "\n".join(lines)
     qa = [(f"请背诵《{title}》。", body)]
@@ -54,9 +56,12 @@ def poem_conversations(poem, rng):
         qa += [(f"《{title}》的作者是谁?", f"《{title}》的作者是{author}。"),
                (f"请写出{author}的《{title}》。", body)]
     half = clauses(lines)
-    for i in sorted(rng.sample(range(max(0, len(half) - 1)), max(0, min(3, len(half) - 1)))):
-        qa.append((f"“{half[i]}”的下一句是什么?", f"“{half[i]}”的下一句是“{half[i + 1]}”。"))
-    convs = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in qa]
+    next_line = lambda i: (f"“{half[i]}”的下一句是什么?", f"“{half[i]}”的下一句是“{half[i + 1]}”。")  # noqa: E731
+    asked = sorted(rng.sample(range(max(0, len(half) - 1)), max(0, min(3, len(half) - 1))))
+    chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}  # noqa: E731
+    convs = [chat(q, a) for q, a in qa + [next_line(i) for i in asked]]
+    if all_next_lines:
+        convs += [{**chat(*next_line(i)), "train_only": True} for i in range(len(half) - 1) if i not in asked]
     if author:  # one two-turn session per poem, so the model sees follow-up questions too
         convs.append({"messages": [{"role": "user", "content": f"《{title}》是谁写的?"},
                                    {"role": "assistant", "content": f"是{author}写的。"},
@@ -82,7 +87,7 @@ def chatterbot_conversations():
     return convs
 
 
-def default_groups(poems_paths, seed, max_poems=None):
+def default_groups(poems_paths, seed, max_poems=None, all_next_lines=True):
     """Groups of conversations for the default set: one group per poem (so a held-out poem
     has none of its questions in training) and one per dialogue. max_poems caps each file."""
     rng = random.Random(seed)
@@ -94,7 +99,7 @@ def default_groups(poems_paths, seed, max_poems=None):
         found = [r for _, r in records if r.get("lines") and r.get("title")]
         if not found:
             raise UserError(f"{path}: no poems (documents with title and lines) to build questions from")
-        if max_poems and len(found) > max_poems:  # e.g. 91k chinese-poetry poems would make ~640k samples
+        if max_poems and len(found) > max_poems:  # e.g. 91k chinese-poetry poems would make ~1.3M samples
             found = rng.sample(found, max_poems)
         # the same poem in two collections (唐诗三百首 is in both) must not straddle train and val
         for p in found:
@@ -102,7 +107,7 @@ def default_groups(poems_paths, seed, max_poems=None):
             if key not in seen:
                 seen.add(key)
                 poems.append(p)
-    groups = [poem_conversations(p, rng) for p in poems]
+    groups = [poem_conversations(p, rng, all_next_lines) for p in poems]
     dialogues = chatterbot_conversations()
     print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths))}, "
           f"{len(dialogues):,} chatterbot-corpus dialogues")
@@ -275,6 +280,9 @@ def main():
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--poems", nargs="+", help="documents with poems for the default set (one or more docs.jsonl; "
                                                    "default: data/fortunes-zh's, else data/embedded's)")
+    parser.add_argument("--all_next_lines", action=argparse.BooleanOptionalAction, default=True,
+                        help="default set: a 下一句 question for every pair of half-lines of a training poem, not "
+                             "only 3 (it drills copying the question's line: dev char F1 +0.03 at 200 iterations)")
     parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems of each file")
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
@@ -309,7 +317,7 @@ def main():
         fortunes = DATA_DIR / "fortunes-zh" / "docs.jsonl"
         args.poems = args.poems or [str(fortunes if fortunes.exists() or not (DATA_DIR / "embedded").exists()
                                         else DATA_DIR / "embedded" / "docs.jsonl")]
-        groups = default_groups(args.poems, args.seed, args.max_poems)
+        groups = default_groups(args.poems, args.seed, args.max_poems, args.all_next_lines)
 
     # tokenize first, so that records with nothing left to train on never reach either split
     tok = vocabulary(args.vocab)
@@ -321,7 +329,8 @@ def main():
     order = list(range(len(groups)))
     random.Random(args.seed).shuffle(order)
     n_val = min(max(1, round(len(groups) * args.val_fraction)), len(groups) - 1)
-    splits = {"val": [s for g in order[:n_val] for s in groups[g]], "train": [s for g in order[n_val:] for s in groups[g]]}
+    splits = {"val": [s for g in order[:n_val] for s in groups[g] if not s[2].get("train_only")],
+              "train": [s for g in order[n_val:] for s in groups[g]]}
 
     out_dir = Path(args.out_dir)
     text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])

@@ -295,6 +295,27 @@ def test_poem_questions_handle_short_poems():
     assert len(nexts) == 3 and all(c["messages"][1]["content"].count("”的下一句是“") == 1 for c in nexts)
 
 
+def test_every_next_line_is_drilled_in_training_only():
+    import random
+    poem = {"title": "题", "author": "某", "lines": ["一二三四五，六七八九十。", "甲乙丙丁戊，己庚辛壬癸。",
+                                                   "子丑寅卯辰，巳午未申酉。", "春夏秋冬月，东南西北风。"]}
+    few = prepare_sft.poem_conversations(poem, random.Random(3), all_next_lines=False)
+    every = prepare_sft.poem_conversations(poem, random.Random(3))
+    asked = lambda convs: [c["messages"][0]["content"] for c in convs if "下一句" in c["messages"][0]["content"]]  # noqa: E731
+    assert len(asked(few)) == 3 and sorted(asked(every)) == sorted(f"“{h}”的下一句是什么?" for h in prepare_sft.clauses(poem["lines"])[:-1])
+    assert [c for c in every if not c.get("train_only")] == few  # the same questions, and the rng used alike
+    assert all("下一句" in c["messages"][0]["content"] for c in every if c.get("train_only"))
+
+
+def test_the_drill_leaves_the_held_out_questions_alone(tmp_path, corpus_docs):
+    make_sft_data(corpus_docs, tmp_path / "drilled")  # the default
+    make_sft_data(corpus_docs, tmp_path / "plain", "--no-all_next_lines")
+    drilled, plain = (json.loads((tmp_path / d / "meta.json").read_text()) for d in ("drilled", "plain"))
+    assert drilled["train_samples"] > 1.3 * plain["train_samples"]
+    for name in ("sft_val.jsonl", "sft_val.bin", "sft_val_mask.bin"):
+        assert (tmp_path / "drilled" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+
 def test_strict_stops_at_the_first_bad_record_in_file_order(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"question": "一", "answer": "二"}\n{"question": "没有答案"}\nnot json\n', encoding="utf-8")
