@@ -59,15 +59,13 @@ NEOX_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "at
 def neox_state_dict(model):
     """model.py's weights under GPTNeoXForCausalLM's names. NeoX's fused qkv is laid out head
     by head (q, k, v of head 0, then of head 1, ...); model.py's is all q, all k, all v."""
-    c, sd = model.config, model.state_dict()
-    zeros = lambda n: torch.zeros(n, dtype=model.lm_head.weight.dtype)  # noqa: E731
+    c, sd = model.config, state_dict_with_biases(model)
     out = {"gpt_neox.embed_in.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["lm_head.weight"],
            "gpt_neox.final_layer_norm.weight": sd["transformer.ln_f.weight"],
-           "gpt_neox.final_layer_norm.bias": sd.get("transformer.ln_f.bias", zeros(c.n_embd))}
+           "gpt_neox.final_layer_norm.bias": sd["transformer.ln_f.bias"]}
     for i in range(c.n_layer):
         for ours, theirs in NEOX_NAMES.items():
-            w = sd[f"transformer.h.{i}.{ours}.weight"]
-            b = sd.get(f"transformer.h.{i}.{ours}.bias", zeros(w.shape[0]))
+            w, b = sd[f"transformer.h.{i}.{ours}.weight"], sd[f"transformer.h.{i}.{ours}.bias"]
             if ours == "attn.c_attn":
                 w = w.view(3, c.n_head, -1, c.n_embd).transpose(0, 1).reshape(3 * c.n_embd, c.n_embd)
                 b = b.view(3, c.n_head, -1).transpose(0, 1).reshape(-1)
@@ -75,17 +73,24 @@ def neox_state_dict(model):
     return {k: v.contiguous().clone() for k, v in out.items()}
 
 
+def state_dict_with_biases(model):
+    """model.state_dict() with a zero bias for each Linear and LayerNorm that has none (the
+    output layer aside): both HF architectures have them, and zero computes what model.py does."""
+    sd = dict(model.state_dict())
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" and module.bias is None:
+            sd[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
+    return sd
+
+
 def hf_state_dict(model):
     """model.py's weights under GPT2LMHeadModel's names. GPT-2 keeps its linear layers as
     Conv1D, (in, out): transposed. Where model.py has no bias, GPT-2's is zero."""
     out = {}
-    for name, p in model.state_dict().items():
+    for name, p in state_dict_with_biases(model).items():
         if name.endswith(".weight") and p.dim() == 2 and ".h." in f".{name}" and "ln_" not in name:
             p = p.t()
         out[name] = p.contiguous().clone()
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" and module.bias is None:
-            out[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
     return out
 
 
