@@ -46,7 +46,34 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients():
         assert torch.allclose(x.grad, want[0], atol=1e-6) and torch.allclose(w.grad, want[1], atol=1e-6)
     assert not x.grad[::9].any()
     with torch.no_grad():  # evaluation: the loss alone
-        assert torch.allclose(LinearCrossEntropy.apply(x, w, targets, 8), F.cross_entropy(x @ w.t(), targets))
+        assert torch.allclose(LinearCrossEntropy.apply(x, w, targets, 8, None, False), F.cross_entropy(x @ w.t(), targets))
+
+
+class CountMatmuls(torch.overrides.TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += getattr(func, "__name__", "") in ("mm", "matmul", "__matmul__", "addmm_")
+        return func(*args, **(kwargs or {}))
+
+
+def test_linear_cross_entropy_under_no_grad_skips_the_gradient_matmuls():
+    """Evaluation (no_grad) pays for the logits alone: one matmul per chunk, not three."""
+    x, w = torch.randn(64, 16, requires_grad=True), torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 37, (64,))
+    for grad, want in ((True, 3 * 4), (False, 4)):
+        with torch.set_grad_enabled(grad), CountMatmuls() as counted:
+            LinearCrossEntropy.apply(x, w, targets, 16, None, torch.is_grad_enabled())
+        assert counted.count == want, (grad, counted.count)
+    model = tiny()  # the model passes its grad mode on: evaluation loops (train.py, evaluations.py) gain
+    model.loss_chunk_rows = 16
+    x, y = torch.randint(0, 64, (2, 24)), torch.randint(0, 64, (2, 24))
+    for grad, want in ((True, 3 * 3), (False, 3)):
+        with torch.set_grad_enabled(grad), CountMatmuls() as counted:
+            model(x, y)
+        assert counted.count == want, (grad, counted.count)
 
 
 def test_model_chunked_loss_trains_like_the_full_logits():
