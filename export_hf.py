@@ -28,7 +28,7 @@ from chat_template import CHATML_ROLE, PREFIX
 from checkpoint import find_checkpoint, load_model
 from data_utils import UserError, run_cli
 from generation import model_template
-from tokenizer import SPECIALS
+from tokenizer import SPECIALS, merge_parts
 
 
 def hf_config(model_args, tok):
@@ -105,20 +105,9 @@ def byte_level(b):
 
 
 def merges_of(ranks):
-    """The merge that makes each token: its bytes BPE'd with only the lower ranks end in two
-    parts (how transformers converts tiktoken vocabularies). Merge priority = the rank."""
-    merges = []
-    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
-        parts = [bytes([b]) for b in token]
-        while len(parts) > 1:
-            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
-            best, i = min(pairs)
-            if best >= rank:
-                break
-            parts[i:i + 2] = [parts[i] + parts[i + 1]]
-        if len(parts) == 2:
-            merges.append((byte_level(parts[0]), byte_level(parts[1])))
-    return merges
+    """HF's merges list: each token's two parts (tokenizer.merge_parts) as byte-level strings,
+    in rank order (merge priority = the rank)."""
+    return [(byte_level(a), byte_level(b)) for a, b in merge_parts(ranks).values()]
 
 
 def chat_template_jinja(template):

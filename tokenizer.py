@@ -213,6 +213,23 @@ def train_bpe(texts, size):
     return BPETokenizer("".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in ranks), size)
 
 
+def merge_parts(ranks):
+    """{token: (left, right)} for each token of a BPE's ranks ({bytes: rank}) made by a merge, in
+    rank order: the two tokens its bytes end in when BPE'd with only the lower ranks (how
+    transformers converts tiktoken vocabularies; export_hf's merges)."""
+    parts_of = {}
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        parts = [bytes([b]) for b in token]
+        while len(parts) > 1:
+            best, i = min((ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:])))
+            if best >= rank:
+                break
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+        if len(parts) == 2:
+            parts_of[token] = tuple(parts)
+    return parts_of
+
+
 GPT2 = GPT2Tokenizer()  # the full vocabulary, model id = GPT-2 id
 
 
