@@ -9,16 +9,24 @@ Every checkpoint carries the model's vocabulary ("vocab": None for full GPT-2, t
 ids of a trimmed vocabulary, or a trained BPE's ranks; "tokenizer_sha256" the hash of the
 ranks) and the characters of its training text ("chars", for the decoding constraint),
 so whatever loads a model turns text into ids its way.
+
+A checkpoint of an adapter run (LoRA, P-Tuning v2: adapters.py) holds only the adapter's
+weights ("adapter": its settings) and "base": the path and sha256 of the checkpoint it was
+trained on. Loading it loads that base first (its weights, vocabulary and characters), checks
+the hash, then adds the adapter: sample.py, evaluations.py, the Gradio page and export_hf.py
+take an adapter out_dir as they take a full one.
 """
 from pathlib import Path
 
 import torch
 
+from adapters import add_adapter, file_sha256, load_adapter_state
 from data_utils import UserError, atomic_write
 from model import GPT, GPTConfig
 from tokenizer import tokenizer_from_state
 
 REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
+ADAPTER_REQUIRED = ("model", "model_args", "iter_num", "adapter", "base")
 
 
 def save_checkpoint(path, state):
@@ -35,9 +43,12 @@ def load_checkpoint(path, map_location="cpu"):
     except Exception as e:  # truncated, corrupt, not a torch file, or holding code objects
         reason = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise UserError(f"{path}: not a readable MiniGLM checkpoint ({reason})") from None
-    missing = [k for k in REQUIRED if not isinstance(ckpt, dict) or k not in ckpt]
+    required = ADAPTER_REQUIRED if isinstance(ckpt, dict) and "adapter" in ckpt else REQUIRED
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise UserError(f"{path}: not a MiniGLM checkpoint (missing {', '.join(missing)})")
+    if "adapter" in ckpt:
+        return ckpt  # its vocabulary is its base's, checked when the base is loaded
     tok = checkpoint_tokenizer(ckpt)
     if ckpt["tokenizer_sha256"] != tok.sha256:
         raise UserError(f"{path}: trained with a different tokenizer (sha256 {str(ckpt['tokenizer_sha256'])[:12]}…, "
@@ -56,8 +67,9 @@ def checkpoint_tokenizer(ckpt):
         raise UserError(f"checkpoint vocabulary is not a GPT-2 id list or a BPE ({e})") from None
 
 
-def model_from_checkpoint(ckpt):
-    model = GPT(GPTConfig(**ckpt["model_args"]))
+def model_from_checkpoint(ckpt, model_args=None):
+    """The GPT of a full checkpoint (model_args: other settings for it, such as dropout)."""
+    model = GPT(GPTConfig(**(model_args or ckpt["model_args"])))
     # torch.compile prefixes parameter names with _orig_mod.; strip it from older files
     state = {k.removeprefix("_orig_mod."): v for k, v in ckpt["model"].items()}
     try:
@@ -65,6 +77,34 @@ def model_from_checkpoint(ckpt):
     except RuntimeError as e:
         raise UserError(f"checkpoint weights do not fit its model_args: {str(e).splitlines()[0]}") from None
     return model
+
+
+def load_base(ckpt, path, base=None):
+    """The full checkpoint an adapter checkpoint (at path) was trained on: from its "base"
+    path, or `base` where the user points elsewhere; refused unless its sha256 matches."""
+    where = Path(base or ckpt["base"]["path"])
+    flag = "pass --base=PATH" if base is None else "point --base at it"
+    if not where.is_file():
+        raise UserError(f"{path}: its base model {where} is not there (the adapter's 'base' path, from train.py's "
+                        f"init_from): put the base back or {flag}")
+    if file_sha256(where) != ckpt["base"]["sha256"]:
+        raise UserError(f"{path}: its base {where} is not the checkpoint the adapter was trained on (sha256 "
+                        f"{file_sha256(where)[:12]}…, trained on {ckpt['base']['sha256'][:12]}…): {flag}")
+    base_ckpt = load_checkpoint(where)
+    if "adapter" in base_ckpt:
+        raise UserError(f"{path}: its base {where} is itself an adapter; an adapter goes on a full model")
+    return base_ckpt
+
+
+def open_checkpoint(ckpt, path, model_args=None, base=None):
+    """(model, tokenizer, the base checkpoint or ckpt itself) of a loaded checkpoint: a
+    full one as it is, an adapter on its base (load_base) with its weights put in."""
+    if "adapter" not in ckpt:
+        return model_from_checkpoint(ckpt, model_args), checkpoint_tokenizer(ckpt), ckpt
+    base_ckpt = load_base(ckpt, path, base)
+    model = add_adapter(model_from_checkpoint(base_ckpt, model_args or ckpt["model_args"]), ckpt["adapter"])
+    load_adapter_state(model, ckpt["model"], path)
+    return model, checkpoint_tokenizer(base_ckpt), base_ckpt
 
 
 def find_checkpoint(path):
@@ -78,12 +118,16 @@ def find_checkpoint(path):
     return path
 
 
-def load_model(path, device="cpu", decode_mode="eager"):
+def load_model(path, device="cpu", decode_mode="eager", base=None):
     """(model in eval mode on device, its tokenizer, the checkpoint's other fields) from a
-    file or an out_dir. decode_mode: how generation runs its decode steps (model.DECODE_MODES)."""
-    ckpt = load_checkpoint(find_checkpoint(path))
-    model = model_from_checkpoint(ckpt).to(device).eval()
+    file or an out_dir, an adapter on its base (base: where the base is, if not where the
+    adapter says). decode_mode: how generation runs its decode steps (model.DECODE_MODES)."""
+    file = find_checkpoint(path)
+    ckpt = load_checkpoint(file)
+    model, tok, base_ckpt = open_checkpoint(ckpt, file, base=base)
+    model = model.to(device).eval()
     model.decode_mode = decode_mode
-    # the weights now live in the model; the optimizer state is for resuming only
-    meta = {k: v for k, v in ckpt.items() if k not in ("model", "optimizer")}
-    return model, checkpoint_tokenizer(ckpt), meta
+    # the weights now live in the model; the optimizer state is for resuming only. An
+    # adapter's fields (its template, characters, kind) override its base's
+    meta = {k: v for c in (base_ckpt, ckpt) for k, v in c.items() if k not in ("model", "optimizer")}
+    return model, tok, meta

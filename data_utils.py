@@ -253,8 +253,9 @@ class SFTData(Batches):
                             f"{tok.name}: re-run data/prepare_sft.py --vocab <the model's checkpoint> "
                             f"--out_dir {self.data_dir}")
         if meta["block_size"] > block_size + 1:
-            raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model's "
-                            f"block_size is {block_size}: re-run prepare_sft.py --block_size={block_size + 1} or less")
+            raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model takes "
+                            f"{block_size} (its block_size, less a P-Tuning prefix's positions): re-run "
+                            f"prepare_sft.py --block_size={block_size + 1} or less")
         self.meta, self.row_len, self.packed = meta, meta["block_size"], meta.get("packed", False)
         self.chars = meta.get("chars")  # the characters of the SFT text (prepare_sft.py)
         for split in ("train", "val"):

@@ -13,6 +13,8 @@ out/tiny-sft/report.md with its loss plots. Tracked files are left alone unless
   python demo.py
   python demo.py --smoke      # a 1-minute run of every step with a handful of iterations
   python demo.py --data embedded
+  python demo.py --finetune=lora     # LoRA instead of full SFT (or ptuning: P-Tuning v2), out/tiny-lora
+  python demo.py --finetune=ptuning --reuse_pretrain   # keep out/tiny-pretrain from an earlier run
 """
 import argparse
 import shutil
@@ -39,10 +41,19 @@ def main():
     p.add_argument("--out", default="out", help="where the runs go (out/tiny-pretrain, out/tiny-sft)")
     p.add_argument("--data", default="auto", choices=["auto", "fortunes-zh", "embedded"],
                    help="auto: fortunes-zh where the Debian package is installed, else the embedded corpus")
+    p.add_argument("--finetune", default="full", choices=["full", "lora", "ptuning"],
+                   help="how SFT trains: every weight, or an adapter on the frozen pretrain (docs/finetune.md)")
+    p.add_argument("--reuse_pretrain", action="store_true",
+                   help="keep the pretrained model of an earlier run (its best.pt) instead of training it again")
     p.add_argument("--refresh_docs", action="store_true",
                    help="copy the run's loss.png and curves.png over docs/ (the README's pictures)")
     args = p.parse_args()
-    pre, sft = Path(args.out) / "tiny-pretrain", Path(args.out) / "tiny-sft"
+    pre = Path(args.out) / "tiny-pretrain"
+    sft = Path(args.out) / {"full": "tiny-sft", "lora": "tiny-lora", "ptuning": "tiny-ptuning"}[args.finetune]
+    config = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_cpu.py",
+              "ptuning": "config/sft_ptuning_tiny_cpu.py"}[args.finetune]
+    # P-Tuning's 16 virtual tokens take 16 of the model's 256 positions: shorter SFT rows
+    sft_data, rows = ("data/sft-241", 241) if args.finetune == "ptuning" else ("data/sft", 256)
     quick = ["--max_iters=8", "--eval_interval=4", "--eval_iters=2", "--log_interval=2"] if args.smoke else []
     data = args.data
     if data == "auto":
@@ -52,14 +63,19 @@ def main():
                   "(assets/embedded/; --data fortunes-zh after installing it gives the README's figures)")
     data_dir = Path("data") / data
     t0 = time.time()
-    step(f"fetch the default data ({data})", "data/fetch_data.py", data)
-    step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
-    step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}", *quick)
+    if args.reuse_pretrain and (pre / "best.pt").is_file():
+        print(f"note: --reuse_pretrain: keeping {pre / 'best.pt'} (fetch, prepare and pretraining skipped)")
+    else:
+        step(f"fetch the default data ({data})", "data/fetch_data.py", data)
+        step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
+        step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}",
+             *quick)
     step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
-         f"--poems={data_dir / 'docs.jsonl'}")
-    step("tiny SFT", "train.py", "config/sft_tiny_cpu.py", f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}", *quick)
+         f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
+    step(f"tiny SFT ({args.finetune})", "train.py", config, f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}",
+         f"--data_dir={sft_data}", *quick)
     step("evaluate SFT vs pretrained, write the report", "evaluations.py", f"--out_dir={sft}", f"--compare={pre}",
-         f"--pretrain_data={data_dir}", "--show=6",
+         f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
          *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))
     if args.refresh_docs:
         for name in ("loss.png", "curves.png"):

@@ -102,7 +102,7 @@ def pretrain_loss(model, tok, data_dir, batch_size, max_batches, device):
     files. Bits per character = mean nats per token × the val text's tokens / its characters
     / ln 2: the total information over the text per character, which compares across
     vocabularies. (None, None) with a note when data_dir holds no val text for this model."""
-    T = model.config.block_size
+    T = model.context_size
     try:
         val = PretrainData(data_dir, T, tok)
     except UserError as e:
@@ -127,7 +127,7 @@ def sft_loss(model, tok, data_dir, batch_size, max_batches, device):
     """Answer-token loss over the SFT val rows: the mean over every trained token."""
     if not (Path(data_dir) / "sft_val.bin").exists():
         return None
-    data = SFTData(data_dir, model.config.block_size, tok)
+    data = SFTData(data_dir, model.context_size, tok)
     total, count = 0.0, 0
     rows = torch.arange(data.num_rows("val"))[:batch_size * max_batches]
     for chunk in tqdm(rows.split(batch_size), desc="SFT answer loss", leave=False):
@@ -172,8 +172,10 @@ def answer_metrics(preds, questions):
 
 def evaluate(path, args, device, questions, decoding):
     """(metrics, default-decoding answers, greedy answers) of one checkpoint."""
-    model, tok, ckpt = load_model(path, device, args.decode)
+    model, tok, ckpt = load_model(path, device, args.decode, args.base)
+    adapter = ckpt.get("adapter") or {}
     result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
+              "finetune": adapter.get("method", "full" if ckpt.get("kind") == "sft" else None), "adapter": adapter or None,
               "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
               "template": model_template(ckpt), "decoding": decoding,
               "model_args": ckpt["model_args"], "config": ckpt.get("config") or {}}
@@ -200,6 +202,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="checkpoint (out_dir or .pt) to evaluate")
     p.add_argument("--compare", help="a second checkpoint (e.g. the pretrained one) to put beside it")
+    p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
     p.add_argument("--pretrain_data", default="data/fortunes-zh", help="folder with the val split's tokens")
     p.add_argument("--sft_data", default="data/sft", help="folder with sft_val.bin and sft_val.jsonl")
     p.add_argument("--questions", type=int, default=50, help="held-out questions to answer")

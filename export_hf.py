@@ -4,6 +4,8 @@ repo: safetensors weights, config, generation config, and a tokenizer that AutoT
 loads (tokenizer.json, with the chat template the model was fine-tuned with).
 
   python export_hf.py --out_dir=out/tiny-sft --dest=hf/tiny-sft
+  python export_hf.py --out_dir=out/tiny-lora --dest=hf/tiny-lora      # an adapter: base/ + adapter/ (peft)
+  python export_hf.py --out_dir=out/tiny-lora --dest=hf/tiny-lora-merged --merge   # LoRA folded in: one model
 
   from transformers import AutoModelForCausalLM, AutoTokenizer
   tok, model = AutoTokenizer.from_pretrained("hf/tiny-sft"), AutoModelForCausalLM.from_pretrained("hf/tiny-sft")
@@ -17,6 +19,12 @@ one) as an HF byte-level BPE with the same split pattern: the same ids as tokeni
 A trimmed vocabulary spells GPT-2 tokens it lacks as bytes, which no HF tokenizer does:
 it is refused. generation_config is greedy with both end tokens; the project's default
 repetition penalty is left out, because HF's also counts the prompt's tokens.
+
+An adapter run (LoRA, P-Tuning v2: adapters.py) is written as its base model's folder plus a
+peft adapter folder beside it, made by peft itself (get_peft_model, its weights set, then
+save_pretrained): PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEST/base),
+DEST/adapter) computes what the project computes (tested). P-Tuning v2 goes out as peft's
+prefix tuning with the prefix table itself (prefix_projection off: the MLP's output is saved).
 """
 import argparse
 import json
@@ -24,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from adapters import merge_lora
 from chat_template import CHATML_ROLE, PREFIX
 from checkpoint import find_checkpoint, load_model
 from data_utils import UserError, run_cli
@@ -153,31 +162,97 @@ def hf_tokenizer(tok, template):
     return fast
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (its best.pt) or a .pt file")
-    p.add_argument("--dest", required=True, help="the folder to write (created; files in it are replaced)")
-    args = p.parse_args()
-    model, tok, ckpt = load_model(args.out_dir)
-    template = model_template(ckpt)
-    fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
-    from transformers import GenerationConfig, GPT2LMHeadModel, GPTNeoXForCausalLM
+def hf_model(model, model_args, tok):
+    """model.py's weights in transformers' class: GPT-NeoX for rotary positions, else GPT-2."""
+    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM
     if model.config.rope:
-        hf = GPTNeoXForCausalLM(neox_config(ckpt["model_args"], tok))
+        hf = GPTNeoXForCausalLM(neox_config(model_args, tok))
         hf.load_state_dict(neox_state_dict(model), strict=True)
     else:
-        hf = GPT2LMHeadModel(hf_config(ckpt["model_args"], tok))
+        hf = GPT2LMHeadModel(hf_config(model_args, tok))
         hf.load_state_dict(hf_state_dict(model), strict=True)
-    dest = Path(args.dest)
+    return hf.eval()
+
+
+def write_model(hf, fast, tok, dest, info):
+    """A transformers model folder: weights, generation config, tokenizer, miniglm.json."""
+    from transformers import GenerationConfig
     hf.save_pretrained(dest, safe_serialization=True)
     GenerationConfig(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
                      bos_token_id=tok.eot).save_pretrained(dest)
     fast.save_pretrained(dest)
-    (dest / "miniglm.json").write_text(json.dumps({
-        "checkpoint": str(find_checkpoint(args.out_dir)), "vocab": tok.name, "template": template,
-        "kind": ckpt.get("kind"), "iter": ckpt["iter_num"]}, ensure_ascii=False, indent=2), encoding="utf-8")
-    print(f"wrote {dest}: {type(hf).__name__} ({model.num_params() / 1e6:.2f}M parameters), tokenizer {tok.name}, "
-          f"chat template {template}; load it with AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
+    (dest / "miniglm.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
+
+
+def peft_adapter(hf_base, model, adapter):
+    """A peft model on hf_base holding model's adapter, weight for weight: LoRA's A and B
+    under transformers' layer names (NeoX's fused qkv rows reordered head by head, as its
+    weight is), or P-Tuning v2's prefix table as peft's prefix tuning embedding."""
+    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
+    c, neox = model.config, model.config.rope
+    if adapter["method"] == "ptuning":
+        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=adapter["num_virtual_tokens"],
+                                    prefix_projection=False)  # the table itself: what the projection made
+        peft_model = get_peft_model(hf_base, config)
+        with torch.no_grad():
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(model.prefix.table())
+        return peft_model
+    names = {t: (NEOX_NAMES[t] if neox else t) for t in adapter["targets"]}
+    config = LoraConfig(task_type="CAUSAL_LM", r=adapter["r"], lora_alpha=adapter["alpha"],
+                        lora_dropout=adapter["dropout"], target_modules=list(names.values()), fan_in_fan_out=not neox)
+    peft_model = get_peft_model(hf_base, config)
+    for i in range(c.n_layer):
+        for ours, theirs in names.items():
+            layer = model.get_submodule(f"transformer.h.{i}.{ours}")
+            a, b = layer.lora_A.detach(), layer.lora_B.detach()
+            if neox and ours == "attn.c_attn":
+                b = b.view(3, c.n_head, -1, b.size(1)).transpose(0, 1).reshape(3 * c.n_embd, -1)
+            where = f"base_model.model.{'gpt_neox.layers' if neox else 'transformer.h'}.{i}.{theirs}"
+            target = peft_model.get_submodule(where)
+            with torch.no_grad():
+                target.lora_A["default"].weight.copy_(a)
+                target.lora_B["default"].weight.copy_(b)
+    return peft_model
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (its best.pt) or a .pt file")
+    p.add_argument("--dest", required=True, help="the folder to write (created; files in it are replaced)")
+    p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
+    p.add_argument("--merge", action="store_true", help="a LoRA adapter: fold it into the weights and write one model")
+    args = p.parse_args()
+    model, tok, ckpt = load_model(args.out_dir, base=args.base)
+    template, adapter = model_template(ckpt), ckpt.get("adapter")
+    if args.merge and (adapter or {}).get("method") != "lora":
+        raise UserError(f"{args.out_dir}: --merge folds a LoRA adapter into its base; this is "
+                        + ("a P-Tuning v2 prefix, which is not a weight to fold (export it as an adapter)"
+                           if adapter else "a full model already (export it without --merge)"))
+    fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
+    dest = Path(args.dest)
+    info = {"checkpoint": str(find_checkpoint(args.out_dir)), "vocab": tok.name, "template": template,
+            "kind": ckpt.get("kind"), "iter": ckpt["iter_num"], "finetune": (adapter or {}).get("method", "full")}
+    if args.merge:
+        merge_lora(model)
+    if not adapter or args.merge:
+        hf = hf_model(model, ckpt["model_args"], tok)
+        write_model(hf, fast, tok, dest, dict(info, merged=bool(args.merge)))
+        print(f"wrote {dest}: {type(hf).__name__} ({model.num_params() / 1e6:.2f}M parameters"
+              f"{', LoRA merged' if args.merge else ''}), tokenizer {tok.name}, chat template {template}; load it with "
+              f"AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
+        return
+    # an adapter: the base model's folder, and beside it peft's adapter folder that points at it
+    base, _, _ = load_model(args.base or ckpt["base"]["path"])
+    hf = hf_model(base, ckpt["model_args"], tok)
+    write_model(hf, fast, tok, dest / "base", dict(info, checkpoint=str(args.base or ckpt["base"]["path"]),
+                                                   finetune=None))
+    peft_model = peft_adapter(hf, model, adapter)
+    peft_model.peft_config["default"].base_model_name_or_path = str((dest / "base").resolve())
+    peft_model.save_pretrained(dest / "adapter")
+    fast.save_pretrained(dest / "adapter")
+    print(f"wrote {dest}/base ({type(hf).__name__}) and {dest}/adapter (peft {adapter['method']}); load them with "
+          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(dest / 'base')!r}), "
+          f"{str(dest / 'adapter')!r})")
 
 
 if __name__ == "__main__":

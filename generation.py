@@ -100,7 +100,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     each row's constraint state at the start (default b"": between characters).
     repetition_penalty, no_repeat_ngram: see penalize(), over the tokens each row writes
     here plus written (per row: what it wrote before, when an answer is resumed)."""
-    block = model.config.block_size
+    block = model.context_size
     cache = None
     B = idx.size(0)
     static = use_cache and model.decode_mode in ("static", "compiled")
@@ -255,7 +255,7 @@ def chat_prompt(tok, history, question, block_size, max_new_tokens, template="qa
 def answer(model, tok, history, question, constraint=None, template="qa", **kwargs):
     """Stream the model's answer to question, given earlier turns [{"role","content"},...].
     The constraint also allows the characters of the conversation."""
-    ids, kept = chat_prompt(tok, history, question, model.config.block_size, kwargs.get("max_new_tokens", 256), template)
+    ids, kept = chat_prompt(tok, history, question, model.context_size, kwargs.get("max_new_tokens", 256), template)
     if constraint is not None:
         constraint = constraint.with_chars(question + "".join(m["content"] for m in kept))
     yield from stream_text(model, tok, ids, stop_at_eot=True, constraint=constraint, **kwargs)
@@ -273,7 +273,7 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, seed
     sampling = dict(GREEDY, **sampling)
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    prompts = [chat_prompt(tok, [], q, model.config.block_size, max_new_tokens, template)[0] for q in questions]
+    prompts = [chat_prompt(tok, [], q, model.context_size, max_new_tokens, template)[0] for q in questions]
     rows = [constraint.with_chars(q) if constraint is not None else None for q in questions]
     written = [[] for _ in questions]  # each answer's tokens, without the end token
     done = [False] * len(questions)

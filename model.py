@@ -74,7 +74,7 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("k_cache", None, persistent=False)
         self.register_buffer("v_cache", None, persistent=False)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None):
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None, prefix=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -94,11 +94,27 @@ class CausalSelfAttention(nn.Module):
                 is_causal = False
                 if T > 1:
                     attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        if prefix is not None:  # P-Tuning v2 (adapters.py): learned keys and values before the text's, seen by all
+            k, v, attn_mask = prefixed(k, v, attn_mask, T, *prefix)
+            is_causal = False
         # no dropout on the attention probabilities: on the CPU it forces SDPA's slow path (+16-30% a
         # step); dropout on the residual branches regularised the demo as well (benchmarks/README.md)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def prefixed(k, v, attn_mask, T, prefix_k, prefix_v):
+    """Keys and values (B, heads, S, head_dim) with the prefix's N in front, and a mask
+    (True = attend) that lets each of the T queries see the whole prefix. Without a mask the
+    queries are the last T of the S tokens, causal (S > T when a KV cache holds the rest)."""
+    B, _, S, _ = k.shape
+    k = torch.cat([prefix_k.to(k.dtype).expand(B, -1, -1, -1), k], dim=2)
+    v = torch.cat([prefix_v.to(v.dtype).expand(B, -1, -1, -1), v], dim=2)
+    if attn_mask is None:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=k.device).tril(S - T)
+    seen = torch.ones(*attn_mask.shape[:-1], prefix_k.size(1), dtype=torch.bool, device=k.device)
+    return k, v, torch.cat([seen, attn_mask], dim=-1)
 
 
 class MLP(nn.Module):
@@ -120,8 +136,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None):
-        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, slot, rope)
+    def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None, prefix=None):
+        x = x + self.attn(self.ln_1(x), attn_mask, cache, layer, slot, rope, prefix)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -183,8 +199,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         # forward always runs with grad mode off, and needs_input_grad stays True under the
         # caller's torch.no_grad(): with_grads (the caller's grad mode) spares an evaluation
         # both gradient matmuls (3x the output layer's work otherwise)
-        grads = with_grads and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        gx = torch.empty_like(x) if grads else None
+        need_gx, need_gw = (with_grads and ctx.needs_input_grad[i] for i in (0, 1))  # frozen weight: no gw
+        grads = need_gx or need_gw
+        gx = torch.empty_like(x) if need_gx else None
         gw = None
         total = torch.zeros((), dtype=torch.float32, device=x.device)
         buf = None if low else torch.empty(min(chunk_rows, x.size(0)), weight.size(0), dtype=x.dtype, device=x.device)
@@ -203,12 +220,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.mul_(vc[:, None] / total_exp)
                 probs[rows, tc] -= vc.float()
                 p = probs.to(compute_dtype) if low else probs  # fp16: magnitudes <= 1, no underflow from / count
-                gx[s:s + chunk_rows] = p @ wl
-                if gw is None:
+                if need_gx:
+                    gx[s:s + chunk_rows] = p @ wl
+                if need_gw and gw is None:
                     gw = (p.t() @ xc).float()
-                elif low:
+                elif need_gw and low:
                     gw += p.t() @ xc  # accumulated in fp32
-                else:
+                elif need_gw:
                     gw.addmm_(p.t(), xc)
         ctx.save_for_backward(gx, None if gw is None else gw.to(weight.dtype), count)
         return total / count
@@ -217,34 +235,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         gx, gw, count = ctx.saved_tensors
         scale = grad_loss / count
-        return gx * scale, gw * scale, None, None, None, None
-
-
-class Optimizers:
-    """Several optimizers stepped as one (Muon + AdamW): the parts of torch.optim.Optimizer
-    that train.py and torch.amp.GradScaler use."""
-
-    def __init__(self, optimizers):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self):  # read each time: load_state_dict replaces the optimizers' group dicts
-        return [g for o in self.optimizers for g in o.param_groups]
-
-    def step(self):
-        for o in self.optimizers:
-            o.step()
-
-    def zero_grad(self, set_to_none=True):
-        for o in self.optimizers:
-            o.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self):
-        return {"optimizers": [o.state_dict() for o in self.optimizers]}
-
-    def load_state_dict(self, state):  # train.py checks the kind first, with a one-line error
-        for o, s in zip(self.optimizers, state["optimizers"], strict=True):
-            o.load_state_dict(s)
+        return (None if gx is None else gx * scale), (None if gw is None else gw * scale), None, None, None, None
 
 
 class GPT(nn.Module):
@@ -265,6 +256,7 @@ class GPT(nn.Module):
         # batch), "static" (decode_step at a fixed shape) or "compiled" (decode_step under
         # torch.compile(mode="reduce-overhead"): one CUDA graph per step on a GPU)
         self.decode_mode = "eager"
+        self.prefix = None  # P-Tuning v2's per-layer keys and values (adapters.Prefix), when one is added
         self.apply(self._init_weights)
         # GPT-2 scaled init: each residual branch adds to the stream, so shrink its output
         for name, p in self.named_parameters():
@@ -285,8 +277,17 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.transformer.wpe.weight.numel() if non_embedding and not self.config.rope else n
 
+    @property
+    def context_size(self):
+        """Tokens of text the model takes at once: block_size, less a P-Tuning prefix's
+        positions (the text starts after them, as in peft)."""
+        return self.config.block_size - (self.prefix.n if self.prefix is not None else 0)
+
     def embed(self, idx, pos):
-        """Token embeddings plus learned positions, or the tokens alone and RoPE's (cos, sin)."""
+        """Token embeddings plus learned positions, or the tokens alone and RoPE's (cos, sin).
+        With a prefix, the text's positions start after its N virtual tokens."""
+        if self.prefix is not None:
+            pos = pos + self.prefix.n
         if self.config.rope:
             return self.transformer.wte(idx), rotary_cos_sin(pos, self.config.n_embd // self.config.n_head)
         return self.transformer.wte(idx) + self.transformer.wpe(pos), None
@@ -295,8 +296,9 @@ class GPT(nn.Module):
                 last_logits_only=False, pad=None):
         B, T = idx.size()
         start = kv_cache.length if kv_cache is not None else 0
-        if start + T > self.config.block_size:
-            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}")
+        if start + T > self.context_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size {self.config.block_size}"
+                             + (f" less the prefix's {self.prefix.n}" if self.prefix is not None else ""))
         attn_mask = None
         if segment_ids is not None:
             pos, attn_mask = packed_positions_and_mask(segment_ids)
@@ -306,8 +308,9 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)
         x, rope = self.embed(idx, pos)
         x = self.transformer.drop(x)
+        prefix = self.prefix() if self.prefix is not None else [None] * len(self.transformer.h)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i, rope=rope)
+            x = block(x, attn_mask, kv_cache, i, rope=rope, prefix=prefix[i])
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
@@ -332,29 +335,6 @@ class GPT(nn.Module):
         logits = self.lm_head(x)
         loss = None if targets is None else masked_cross_entropy(logits, targets, loss_mask)
         return logits, loss
-
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type, muon_lr=0.0):
-        """AdamW; with muon_lr > 0, Muon (torch.optim.Muon, as nanochat and modded-nanogpt use)
-        for the blocks' matrices and AdamW for the rest (embeddings, LayerNorm gains, biases),
-        which Muon's orthogonalised update does not suit. Each group's `lr_scale` is its
-        learning rate over learning_rate: train.py's schedule multiplies it."""
-        hidden, rest = [], []
-        for n, p in self.named_parameters():
-            if p.requires_grad:
-                (hidden if muon_lr > 0 and p.dim() == 2 and n.startswith("transformer.h.") else rest).append(p)
-        # decay the matrices (matmuls, embeddings); not the LayerNorm gains or biases
-        groups = [
-            {"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay, "lr_scale": 1.0},
-            {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0, "lr_scale": 1.0},
-        ]
-        # fused: one pass over each parameter, its gradient and both moments (CUDA, and CPU since torch 2.4)
-        adamw = torch.optim.AdamW(groups, lr=learning_rate, betas=betas, fused=device_type in ("cuda", "cpu"))
-        if not hidden:
-            return adamw
-        # Muon decays its matrices too (decoupled: lr x weight_decay per step), which helped the demo
-        muon = torch.optim.Muon([{"params": hidden, "lr_scale": muon_lr / learning_rate}], lr=muon_lr,
-                                weight_decay=weight_decay, adjust_lr_fn="original")
-        return Optimizers([muon, adamw])
 
     def flops_per_token(self):
         """Training FLOPs per token (forward + backward), PaLM appendix B style."""
@@ -383,8 +363,9 @@ class GPT(nn.Module):
         slots = torch.arange(self.config.block_size, device=idx.device)
         attend = ((slots[None, :] <= slot) & (slots[None, :] >= pad[:, None]))[:, None, None, :]
         x, rope = self.embed(idx, (slot - pad)[:, None])
-        for block in self.transformer.h:
-            x = block(x, attend, slot=slot, rope=rope)
+        prefix = self.prefix() if self.prefix is not None else [None] * len(self.transformer.h)
+        for block, layer_prefix in zip(self.transformer.h, prefix):
+            x = block(x, attend, slot=slot, rope=rope, prefix=layer_prefix)
         return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
 
     def compiled_decode_step(self):

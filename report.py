@@ -31,6 +31,17 @@ def fmt(v):
     return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
 
 
+def method_label(result):
+    """How a run was fine-tuned: full, or the adapter and its settings ('-' for a pretrain)."""
+    adapter = result.get("adapter") or {}
+    if adapter.get("method") == "lora":
+        return f"LoRA (r {adapter['r']}, alpha {adapter['alpha']:g}, {', '.join(adapter['targets'])})"
+    if adapter.get("method") == "ptuning":
+        return f"P-Tuning v2 ({adapter['num_virtual_tokens']} virtual tokens" + \
+            (", projected)" if adapter.get("prefix_projection") else ")")
+    return result.get("finetune") or "-"
+
+
 def run_dir(path):
     path = Path(path)
     return path if path.is_dir() else path.parent
@@ -65,6 +76,7 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
         lines.append(f"| {label} | " + " | ".join(values) + " |")
 
     row("kind", [str(runs[n][0]["kind"]) for n in names])
+    row("fine-tuning", [method_label(runs[n][0]) for n in names])
     row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
     row("layers × width, heads, context", [
         f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (runs[n][0]["model_args"] for n in names)])

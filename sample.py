@@ -25,6 +25,7 @@ from model import DECODE_MODES
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (uses best.pt) or a .pt file")
+    p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
     p.add_argument("--start", help="prompt text, or FILE:path to read it from a file")
     p.add_argument("--chat", action="store_true", help="the model's chat template (问/答 or ChatML, from its "
                                                      "checkpoint); without --start, an interactive chat")
@@ -44,7 +45,7 @@ def main():
         raise UserError("--max_new_tokens must be >= 1")
     gen = dict(decoding_from_flags(args, DEFAULT_DECODING if args.chat else WRITING), max_new_tokens=args.max_new_tokens)
 
-    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode)
+    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode, args.base)
     constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
     if args.chat and ckpt.get("kind") != "sft":
         print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "
@@ -74,7 +75,7 @@ def main():
             except ValueError as e:
                 raise UserError(str(e)) from None
         else:
-            ids = tok.encode(start or "\n")[-model.config.block_size:]
+            ids = tok.encode(start or "\n")[-model.context_size:]
             print(start or "", end="", flush=True)
             allowed = constraint.with_chars(start or "") if constraint else None
             for piece in stream_text(model, tok, ids, seed=seed, constraint=allowed, **gen):
@@ -105,7 +106,7 @@ def interactive_chat(model, tok, constraint, template, gen, seed):
         if not question:
             continue
         try:
-            _, history = chat_prompt(tok, history, question, model.config.block_size, gen["max_new_tokens"], template)
+            _, history = chat_prompt(tok, history, question, model.context_size, gen["max_new_tokens"], template)
         except ValueError as e:
             print(f"({e})")
             continue

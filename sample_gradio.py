@@ -156,7 +156,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             return
         template = model_template(meta)
         try:
-            chat_prompt(tok, past, question, model.config.block_size, gen["max_new_tokens"], template)
+            chat_prompt(tok, past, question, model.context_size, gen["max_new_tokens"], template)
         except ValueError as e:
             yield note(str(e))
             return

@@ -4,31 +4,36 @@ Pretraining and supervised fine-tuning (SFT) of the GPT in model.py.
   python train.py config/train_tiny_cpu.py                     # one process
   python train.py config/train_config.py --batch_size=32       # --key=value overrides (Python literals)
   torchrun --standalone --nproc_per_node=4 train.py config/train_config.py   # DDP
+  python train.py config/sft_lora_tiny_cpu.py                  # LoRA (finetune='lora'; or 'ptuning')
 
 The data folder decides the mode: sft_train.bin (from data/prepare_sft.py) means SFT,
 with the loss on answer tokens only; train.bin (from data/prepare.py) means pretraining.
 init_from: 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or the path of a
 checkpoint whose weights to start from (SFT starts from a pretrained model this way).
+finetune: 'full', or an adapter on the frozen init_from model (adapters.py).
 vocab: 'gpt2' (all 50,257 tokens), 'trimmed' (the GPT-2 ids of data_dir's corpus, from its
 vocab.json) or 'bpe' (the BPE of vocab_size tokens that data/prepare.py trained on data_dir's
 train split): set when training from scratch; a checkpoint brings its own.
+
+The stages: distributed.setup (processes, device, dtype) → Trainer.build_model (weights,
+tokenizer, data, adapter) → Trainer.build_optimizer (and the resumed state) → Trainer.train
+(the step loop, with evaluate_and_save every eval_interval).
 """
 import ast
 import json
-import math
-import os
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from checkpoint import checkpoint_tokenizer, load_checkpoint, model_from_checkpoint, save_checkpoint
-from data_utils import SFTData, UserError, open_data, pick_device, run_cli
+import distributed
+from adapters import adapter_settings, add_adapter, adapter_state, file_sha256, trained_fraction
+from checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
+from data_utils import SFTData, UserError, open_data, run_cli
 from model import GPT, GPTConfig
+from optimizers import configure_optimizers, get_lr, muon_matrices, pick_ns_dtype
 from tokenizer import data_vocabulary
 
 DEFAULTS = dict(
@@ -51,6 +56,9 @@ DEFAULTS = dict(
     batch_size=16, gradient_accumulation_steps=4,
     # AdamW and the cosine schedule; muon_lr > 0: Muon at that lr for the blocks' matrices
     learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, muon_lr=0.0,
+    # Muon's Newton-Schulz dtype: 'auto' = bfloat16 on CUDA, on the CPU what a start-up probe
+    # measures faster (fp32 where the CPU has no native bf16), 'float32' or 'bfloat16'
+    muon_ns_dtype="auto",
     decay_lr=True, warmup_iters=200, lr_decay_iters=None, min_lr=6e-5,  # lr_decay_iters None = max_iters
     # system
     device="auto",  # 'auto' = cuda > mps > cpu
@@ -63,6 +71,13 @@ DEFAULTS = dict(
     backend="auto",  # DDP: nccl on CUDA, gloo on CPU
     seed=1337,
     peak_flops="auto",  # FLOP/s per device for MFU; 'auto' measures a matmul in the training dtype
+    # fine-tuning method (adapters.py): 'full' trains every weight; 'lora' and 'ptuning' freeze
+    # the model from init_from and train an adapter (a checkpoint of the adapter alone)
+    finetune="full",
+    lora_r=8, lora_alpha=16.0, lora_dropout=0.05,  # the update's rank, its scale alpha/r, dropout on its input
+    lora_targets="all",  # 'all' or some of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (list or comma-separated)
+    num_virtual_tokens=16,  # P-Tuning v2: the prefix's keys and values per layer
+    prefix_projection=False, encoder_hidden_size=512,  # make the prefix with an MLP of this width (as peft)
 )
 
 
@@ -93,7 +108,7 @@ def load_config(argv, defaults=DEFAULTS):
         else:
             if not Path(arg).is_file():
                 raise UserError(f"{arg}: config file not found")
-            scope = {}
+            scope = {"__file__": arg}  # a config may build on another beside it (config/sft_lora_tiny_cpu.py)
             try:
                 exec(compile(Path(arg).read_text(encoding="utf-8"), arg, "exec"), scope)
             except Exception as e:
@@ -103,62 +118,6 @@ def load_config(argv, defaults=DEFAULTS):
                 if not key.startswith("_") and not callable(value) and type(value).__name__ != "module":
                     set_key(key, value, arg)
     return config
-
-
-def get_lr(it, c):
-    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
-    decay_iters = c["lr_decay_iters"] or c["max_iters"]
-    if not c["decay_lr"]:
-        return c["learning_rate"]
-    if it < c["warmup_iters"]:
-        return c["learning_rate"] * (it + 1) / (c["warmup_iters"] + 1)
-    if it >= decay_iters:
-        return c["min_lr"]
-    ratio = (it - c["warmup_iters"]) / max(1, decay_iters - c["warmup_iters"])
-    return c["min_lr"] + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (c["learning_rate"] - c["min_lr"])
-
-
-def pick_dtype(c, device_type):
-    if c["dtype"] != "auto":
-        if c["dtype"] not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"dtype must be 'auto', 'float32', 'bfloat16' or 'float16', got {c['dtype']!r}")
-        return c["dtype"]
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-    return "float32"  # bf16 matmul on CPUs without AMX is hundreds of times slower than fp32
-
-
-def measure_peak_flops(device, dtype):
-    """FLOP/s of a large square matmul in the training dtype: the MFU denominator."""
-    n = 4096 if device.startswith("cuda") else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    sync()
-    best = float("inf")  # the best of a few rounds: one slow round (another process) is not the peak
-    for _ in range(3):
-        reps, t0 = 5, time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        sync()
-        best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n ** 3 / best
-
-
-def rng_states(data_gen):
-    states = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state()
-    return states
-
-
-def restore_rng(states, data_gen):
-    torch.set_rng_state(states["torch"])
-    data_gen.set_state(states["data"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
 
 
 def truncate_log(log_path, iter_num):
@@ -178,221 +137,247 @@ def pick_loss_chunk_rows(value, device_type):
     return rows
 
 
-def main(argv=None):
-    c = load_config(sys.argv[1:] if argv is None else argv)
+class Trainer:
+    def __init__(self, c):
+        self.c, self.run = c, distributed.setup(c)
+        self.out_dir = Path(c["out_dir"])
+        if self.run.master:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.adapter = adapter_settings(c)
+        self.build_model()
+        self.build_optimizer()
 
-    # ------------------------------------------------------------------ processes, device
-    ddp = int(os.environ.get("RANK", -1)) != -1
-    device = pick_device(c["device"])
-    if ddp:
-        rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
-        if device.startswith("cuda"):
-            device = f"cuda:{local_rank}"
-            torch.cuda.set_device(device)
-        backend = c["backend"] if c["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
-    else:
-        rank, local_rank, world = 0, 0, 1
-    master = rank == 0
-    device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if c["gradient_accumulation_steps"] % world:
-        raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible "
-                        f"by the number of processes ({world})")
-    local_accum = c["gradient_accumulation_steps"] // world
-    dtype = pick_dtype(c, device_type)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    amp = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=ptdtype)
-    use_compile = c["compile"] if c["compile"] != "auto" else device_type == "cuda"
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    out_dir = Path(c["out_dir"])
-    if master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    def build_model(self):
+        """The weights (new, a checkpoint's, or a frozen one's plus an adapter), the
+        tokenizer, the data, and what the checkpoints will carry."""
+        c, run = self.c, self.run
+        torch.manual_seed(c["seed"])  # the same initial weights (and adapter) in every process
+        self.iter_num, self.best_val_loss, self.ckpt, self.base = 0, float("inf"), None, None
+        if c["init_from"] == "scratch":
+            tok, chars = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]), ""
+            model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                              dropout=c["dropout"], bias=c["bias"], rope=c["rope"], vocab_size=tok.vocab_size)
+            model = GPT(GPTConfig(**model_args))
+        else:
+            path = self.out_dir / "ckpt.pt" if c["init_from"] == "resume" else Path(c["init_from"])
+            ckpt = self.ckpt = load_checkpoint(path)
+            resumed_adapter = ckpt.get("adapter")
+            if c["init_from"] != "resume" and resumed_adapter:
+                raise UserError(f"{path}: an adapter checkpoint; init_from takes a full model (resume the adapter "
+                                f"run with init_from='resume', or start from its base {ckpt['base']['path']})")
+            if c["init_from"] == "resume" and (resumed_adapter or {}).get("method", "full") != c["finetune"]:
+                raise UserError(f"{path}: a finetune={(resumed_adapter or {}).get('method', 'full')!r} run; resume it "
+                                f"with that method, not finetune={c['finetune']!r}")
+            model_args = dict(ckpt["model_args"], dropout=c["dropout"])
+            model, tok, base_ckpt = open_checkpoint(ckpt, path, model_args)
+            chars = (base_ckpt.get("chars") or "") + (ckpt.get("chars") or "")  # (the same one, for a full model)
+            if c["init_from"] == "resume":
+                self.iter_num, self.best_val_loss, self.base = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("base")
+                self.adapter = resumed_adapter  # the run's own settings, whatever the config says now
+            if self.adapter and not resumed_adapter:  # a new adapter on the frozen init_from model
+                model = add_adapter(model, self.adapter)
+                self.base = {"path": str(path), "sha256": file_sha256(path)}
+        model.to(run.device)
+        model.loss_chunk_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], run.device_type)
+        # the config saved with the checkpoints tells the model that was trained, also where
+        # the shape and vocabulary came from a checkpoint rather than from these keys
+        c.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")},
+                 vocab=tok.kind, rope=model_args.get("rope", False))
+        # a P-Tuning prefix takes positions: the text gets context_size (block_size - prefix)
+        self.data = data = open_data(c["data_dir"], model.context_size, tok)
+        self.kind = "sft" if isinstance(data, SFTData) else "pretrain"
+        # the characters the model has seen in training: by default generation writes no other
+        self.chars = "".join(sorted(set(chars) | set(data.chars or "")))
+        self.block = data.row_len - 1 if self.kind == "sft" else model.context_size
+        # the chat template the SFT rows were written in: sample, Gradio and evaluations use it
+        self.template = data.meta.get("template", "qa") if self.kind == "sft" else (self.ckpt or {}).get("template")
+        self.raw_model, self.tok, self.model_args = model, tok, model_args
 
-    # ------------------------------------------------------------------ model, optimizer
-    torch.manual_seed(c["seed"])  # the same initial weights in every process
-    iter_num, best_val_loss, ckpt = 0, float("inf"), None
-    if c["init_from"] == "scratch":
-        tok, chars = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]), ""
-        model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                          dropout=c["dropout"], bias=c["bias"], rope=c["rope"], vocab_size=tok.vocab_size)
-        model = GPT(GPTConfig(**model_args))
-    else:
-        ckpt = load_checkpoint(out_dir / "ckpt.pt" if c["init_from"] == "resume" else c["init_from"])
-        tok, chars = checkpoint_tokenizer(ckpt), ckpt.get("chars") or ""
-        model_args = dict(ckpt["model_args"], dropout=c["dropout"])
-        ckpt["model_args"] = model_args
-        model = model_from_checkpoint(ckpt)
+    def build_optimizer(self):
+        """The optimizer over what trains; on resume, its state and every RNG stream as saved."""
+        c, run, model = self.c, self.run, self.raw_model
+        self.scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
+        shapes = [p.shape for p in muon_matrices(model)]
+        self.ns_dtype, self.ns_why = (pick_ns_dtype(c["muon_ns_dtype"], run.device, max(shapes, key=lambda s: s.numel()))
+                                      if c["muon_lr"] > 0 and shapes else (None, ""))
+        self.optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
+                                              run.device_type, c["muon_lr"], self.ns_dtype)
+        self.data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
         if c["init_from"] == "resume":
-            iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-    model.to(device)
-    model.loss_chunk_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], device_type)
-    # the config saved with the checkpoints tells the model that was trained, also where
-    # the shape and vocabulary came from a checkpoint rather than from these keys
-    c.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")},
-             vocab=tok.kind, rope=model_args.get("rope", False))
-    data = open_data(c["data_dir"], model_args["block_size"], tok)
-    kind = "sft" if isinstance(data, SFTData) else "pretrain"
-    # the characters the model has seen in training: by default generation writes no other
-    chars = "".join(sorted(set(chars) | set(data.chars or "")))
-    block = data.row_len - 1 if kind == "sft" else model_args["block_size"]
-    # the chat template the SFT rows were written in: sample, Gradio and evaluations use it
-    template = data.meta.get("template", "qa") if kind == "sft" else (ckpt or {}).get("template")
-    scaler = torch.amp.GradScaler(device_type, enabled=dtype == "float16")
-    optimizer = model.configure_optimizers(c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
-                                           device_type, c["muon_lr"])
-    data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
-    if c["init_from"] == "resume":
-        if ("optimizers" in ckpt["optimizer"]) != (c["muon_lr"] > 0):  # Muon + AdamW, or AdamW alone
-            raise UserError(f"{out_dir / 'ckpt.pt'}: its optimizer does not fit muon_lr={c['muon_lr']}: resume with the run's")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if "scaler" in ckpt:
-            scaler.load_state_dict(ckpt["scaler"])
-        restore_rng(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], data_gen)
-    else:
-        torch.manual_seed(c["seed"] + rank)  # different dropout masks per process
-    ckpt = None  # free the memory
-    raw_model = model
-    if use_compile:
-        model = torch.compile(model, mode=c["compile_mode"])
-    if ddp:
-        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+            ckpt = self.ckpt
+            if ("optimizers" in ckpt["optimizer"]) != (self.ns_dtype is not None):  # Muon + AdamW, or AdamW alone
+                raise UserError(f"{self.out_dir / 'ckpt.pt'}: its optimizer does not fit muon_lr={c['muon_lr']}: "
+                                f"resume with the run's")
+            self.optimizer.load_state_dict(ckpt["optimizer"])
+            if "scaler" in ckpt:
+                self.scaler.load_state_dict(ckpt["scaler"])
+            distributed.restore_rng(ckpt["rng"], self.data_gen, run)
+        else:
+            torch.manual_seed(c["seed"] + run.rank)  # different dropout masks per process
+        self.ckpt = None  # free the memory
+        self.model = distributed.wrap(model, run, c["compile_mode"])
 
-    tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * block
-    flops_per_iter = raw_model.flops_per_token() * tokens_per_iter
-    # SFT without compile projects only the trained positions onto the vocabulary (model.py):
-    # the output layer's FLOPs then count for those positions alone
-    head_flops = 6 * model_args["n_embd"] * model_args["vocab_size"] if kind == "sft" and not use_compile else 0
-    trained_tokens = torch.zeros((), device=device)  # mask-1 targets since the last log line
-    peak = c["peak_flops"] if c["peak_flops"] != "auto" else measure_peak_flops(device, ptdtype)
-    log_path = out_dir / "log.jsonl"
-    if master:
-        print(f"{kind} | {raw_model.num_params() / 1e6:.2f}M parameters | vocabulary {tok.name} "
-              f"({tok.vocab_size:,} slots) | device {device} x{world} | {dtype} | "
-              f"compile {use_compile} | {tokens_per_iter:,} tokens/iter | data {c['data_dir']}")
-        if c["init_from"] == "resume":
-            truncate_log(log_path, iter_num)
-        elif log_path.exists():
-            log_path.unlink()
+    def startup_line(self):
+        c, run, model = self.c, self.run, self.raw_model
+        trained, total = trained_fraction(model)
+        method = f" | finetune {self.adapter['method']}: {trained:,} of {total:,} parameters trained " \
+                 f"({trained / total:.2%})" if self.adapter else ""
+        print(f"{self.kind} | {model.num_params() / 1e6:.2f}M parameters | vocabulary {self.tok.name} "
+              f"({self.tok.vocab_size:,} slots) | device {run.device} x{run.world} | {run.dtype} | "
+              f"compile {run.use_compile} | {self.tokens_per_iter:,} tokens/iter | data {c['data_dir']}{method}")
+        if self.ns_dtype is not None:  # the optimizer's own matmuls: fp32 where bf16 would be emulated
+            print(f"Muon Newton-Schulz in {str(self.ns_dtype)[6:]} ({self.ns_why})")
 
-    def log(record, line):
-        if master:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(dict(record, mode=kind)) + "\n")
+    def log(self, record, line):
+        if self.run.master:
+            with open(self.out_dir / "log.jsonl", "a") as f:
+                f.write(json.dumps(dict(record, mode=self.kind)) + "\n")
             print(line, flush=True)
 
-    def all_mean(x):
-        if ddp:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
-            x /= world
-        return x
-
     @torch.no_grad()
-    def estimate_loss():
+    def estimate_loss(self):
         """Mean loss over eval_iters batches per split; the same batches at every eval
         (a fixed generator), shared out among the processes."""
-        model.eval()
+        c, run = self.c, self.run
+        self.model.eval()
         out = {}
         for split in ("train", "val"):
-            rows = data.sample_rows(split, c["eval_iters"] * c["batch_size"], torch.Generator().manual_seed(c["seed"] + 1))
-            total = torch.zeros(2, device=device)
-            for batch_rows in rows.view(c["eval_iters"], c["batch_size"])[rank::world]:
-                b = data.load(split, batch_rows, device)
-                with amp:
-                    _, loss = raw_model(b["x"], b["y"], b.get("loss_mask"), b.get("segment_ids"))
-                total += torch.stack([loss.float(), torch.ones((), device=device)])
-            if ddp:
-                dist.all_reduce(total)
+            rows = self.data.sample_rows(split, c["eval_iters"] * c["batch_size"],
+                                         torch.Generator().manual_seed(c["seed"] + 1))
+            total = torch.zeros(2, device=run.device)
+            for batch_rows in rows.view(c["eval_iters"], c["batch_size"])[run.rank::run.world]:
+                b = self.data.load(split, batch_rows, run.device)
+                with run.amp:
+                    _, loss = self.raw_model(b["x"], b["y"], b.get("loss_mask"), b.get("segment_ids"))
+                total += torch.stack([loss.float(), torch.ones((), device=run.device)])
+            if run.ddp:
+                torch.distributed.all_reduce(total)
             out[split] = (total[0] / total[1]).item()
-        model.train()
+        self.model.train()
         return out
 
-    def save(name, state):
-        save_checkpoint(out_dir / name, dict(state, model=raw_model.state_dict(), model_args=model_args, config=c,
-                                             kind=kind, tokenizer_sha256=tok.sha256, vocab=tok.state(), chars=chars,
-                                             template=template))
+    def save(self, name, state):
+        """A checkpoint: the whole model, or for an adapter run its weights and its base."""
+        weights = adapter_state(self.raw_model) if self.adapter else self.raw_model.state_dict()
+        state = dict(state, model=weights, model_args=self.model_args, config=self.c, kind=self.kind,
+                     tokenizer_sha256=self.tok.sha256, chars=self.chars, template=self.template)
+        if self.adapter:  # the vocabulary is the base's: not written again
+            state.update(adapter=self.adapter, base=self.base)
+        else:
+            state.update(vocab=self.tok.state())
+        save_checkpoint(self.out_dir / name, state)
 
-    # ------------------------------------------------------------------ training loop
-    t_start = time.time()
-    resumed_at = iter_num if c["init_from"] == "resume" else None
-    running_loss = torch.zeros((), device=device)
-    t_log, iters_since_log = time.time(), 0
-    while True:
-        if (iter_num % c["eval_interval"] == 0 or iter_num >= c["max_iters"] or c["eval_only"]) and iter_num != resumed_at:
-            t_eval = time.time()
-            losses = estimate_loss()
-            rng = rng_states(data_gen)
-            if ddp:  # every process's dropout RNG, so a resumed DDP run continues exactly too
-                gathered = [None] * world
-                dist.all_gather_object(gathered, rng)
-                rng = gathered
-            else:
-                rng = [rng]
-            bpc = data.bits_per_char("val", losses["val"]) if kind == "pretrain" else None
-            log({"kind": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                 "val_bpc": bpc, "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start},
-                f"eval {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                + (f" ({bpc:.3f} bits/char)" if bpc is not None else ""))
-            if master and not c["eval_only"]:
-                improved = losses["val"] < best_val_loss
-                best_val_loss = min(best_val_loss, losses["val"])
-                save("ckpt.pt", dict(optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), iter_num=iter_num,
-                                     best_val_loss=best_val_loss, rng=rng))
-                if improved:
-                    save("best.pt", dict(iter_num=iter_num, best_val_loss=best_val_loss))
-            t_log += time.time() - t_eval  # evaluation and checkpointing are not training time
-        if iter_num >= c["max_iters"] or c["eval_only"]:
-            break
+    def evaluate_and_save(self):
+        losses = self.estimate_loss()
+        rng = distributed.all_rng_states(self.data_gen, self.run)  # every process's: a resumed run continues exactly
+        bpc = self.data.bits_per_char("val", losses["val"]) if self.kind == "pretrain" else None
+        self.log({"kind": "eval", "iter": self.iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                  "val_bpc": bpc, "tokens": self.iter_num * self.tokens_per_iter, "time": time.time() - self.t_start},
+                 f"eval {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                 + (f" ({bpc:.3f} bits/char)" if bpc is not None else ""))
+        if self.run.master and not self.c["eval_only"]:
+            improved = losses["val"] < self.best_val_loss
+            self.best_val_loss = min(self.best_val_loss, losses["val"])
+            self.save("ckpt.pt", dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
+                                      iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng))
+            if improved:
+                self.save("best.pt", dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss))
 
-        lr = get_lr(iter_num, c)
-        for group in optimizer.param_groups:
+    def train_step(self, lr):
+        """One iteration: local_accum micro-steps of this process's rows, then the update."""
+        c, run, model = self.c, self.run, self.model
+        for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # the whole iteration's rows, drawn once: micro-step k of process r takes row block k*world + r
-        rows = data.sample_rows("train", c["gradient_accumulation_steps"] * c["batch_size"], data_gen)
-        my_rows = rows.view(local_accum, world, c["batch_size"])[:, rank]
-        batch = data.load("train", my_rows[0], device)
-        for micro in range(local_accum):
-            last = micro == local_accum - 1
-            with (model.no_sync() if ddp and not last else nullcontext()), amp:
+        rows = self.data.sample_rows("train", c["gradient_accumulation_steps"] * c["batch_size"], self.data_gen)
+        my_rows = rows.view(run.local_accum, run.world, c["batch_size"])[:, run.rank]
+        batch = self.data.load("train", my_rows[0], run.device)
+        for micro in range(run.local_accum):
+            last = micro == run.local_accum - 1
+            with (model.no_sync() if run.ddp and not last else nullcontext()), run.amp:
                 _, loss = model(batch["x"], batch["y"], batch.get("loss_mask"), batch.get("segment_ids"))
-                loss = loss / local_accum
-            if kind == "sft":
-                trained_tokens += batch["loss_mask"].sum()
+                loss = loss / run.local_accum
+            if self.kind == "sft":
+                self.trained_tokens += batch["loss_mask"].sum()
             if not last:  # load the next micro-batch while the device works on this one
-                batch = data.load("train", my_rows[micro + 1], device)
-            scaler.scale(loss).backward()
-            running_loss += loss.detach()
+                batch = self.data.load("train", my_rows[micro + 1], run.device)
+            self.scaler.scale(loss).backward()
+            self.running_loss += loss.detach()
         if c["grad_clip"] > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        iters_since_log += 1
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])  # (frozen weights have no grad)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
 
-        if iter_num % c["log_interval"] == 0 or iter_num == c["max_iters"]:
-            lossf = all_mean(running_loss).item() / iters_since_log  # .item() waits for the device
-            dt = (time.time() - t_log) / iters_since_log
-            tok_s = tokens_per_iter / dt
-            trained = all_mean(trained_tokens).item() * world / iters_since_log  # per iteration, all processes
-            flops = flops_per_iter - head_flops * (tokens_per_iter - trained) if head_flops else flops_per_iter
-            mfu = flops / dt / (peak * world)
-            record = {"kind": "train", "iter": iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000, "tokens_per_s": tok_s,
-                      "mfu": mfu, "tokens": iter_num * tokens_per_iter, "time": time.time() - t_start}
-            extra = ""
-            if kind == "sft":  # the tokens that carry loss: what packing rows buys
-                record["trained_tokens_per_s"] = trained / dt
-                extra = f" ({trained / dt:,.0f} trained)"
-            log(record, f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, {tok_s:,.0f} tok/s"
-                        f"{extra}, mfu {mfu * 100:.1f}%")
-            running_loss.zero_()
-            trained_tokens.zero_()
-            t_log, iters_since_log = time.time(), 0
+    def log_steps(self, lr, iters, dt):
+        """The log line of the last `iters` iterations, which took dt seconds each."""
+        run = self.run
+        lossf = distributed.all_mean(self.running_loss, run).item() / iters  # .item() waits for the device
+        tok_s = self.tokens_per_iter / dt
+        trained = distributed.all_mean(self.trained_tokens, run).item() * run.world / iters  # per iteration
+        flops = self.flops_per_iter - self.head_flops * (self.tokens_per_iter - trained) if self.head_flops \
+            else self.flops_per_iter
+        mfu = flops / dt / (self.peak * run.world)
+        record = {"kind": "train", "iter": self.iter_num, "loss": lossf, "lr": lr, "dt_ms": dt * 1000,
+                  "tokens_per_s": tok_s, "mfu": mfu, "tokens": self.iter_num * self.tokens_per_iter,
+                  "time": time.time() - self.t_start}
+        extra = ""
+        if self.kind == "sft":  # the tokens that carry loss: what packing rows buys
+            record["trained_tokens_per_s"] = trained / dt
+            extra = f" ({trained / dt:,.0f} trained)"
+        self.log(record, f"iter {self.iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+                         f"{tok_s:,.0f} tok/s{extra}, mfu {mfu * 100:.1f}%")
+        self.running_loss.zero_()
+        self.trained_tokens.zero_()
 
-    if master:
-        print(f"done in {time.time() - t_start:.1f}s; best val loss {best_val_loss:.4f}; checkpoints in {out_dir}")
-    if ddp:
-        dist.destroy_process_group()
+    def train(self):
+        c, run = self.c, self.run
+        self.tokens_per_iter = c["gradient_accumulation_steps"] * c["batch_size"] * self.block
+        self.flops_per_iter = self.raw_model.flops_per_token() * self.tokens_per_iter
+        # SFT without compile projects only the trained positions onto the vocabulary (model.py):
+        # the output layer's FLOPs then count for those positions alone
+        self.head_flops = 6 * self.model_args["n_embd"] * self.model_args["vocab_size"] \
+            if self.kind == "sft" and not run.use_compile else 0
+        self.peak = c["peak_flops"] if c["peak_flops"] != "auto" else distributed.measure_peak_flops(run.device,
+                                                                                                     run.ptdtype)
+        log_path = self.out_dir / "log.jsonl"
+        if run.master:
+            self.startup_line()
+            if c["init_from"] == "resume":
+                truncate_log(log_path, self.iter_num)
+            elif log_path.exists():
+                log_path.unlink()
+        self.t_start = time.time()
+        resumed_at = self.iter_num if c["init_from"] == "resume" else None
+        self.running_loss, self.trained_tokens = (torch.zeros((), device=run.device) for _ in range(2))
+        t_log, iters_since_log = time.time(), 0
+        while True:
+            at_end = self.iter_num >= c["max_iters"] or c["eval_only"]
+            if (self.iter_num % c["eval_interval"] == 0 or at_end) and self.iter_num != resumed_at:
+                t_eval = time.time()
+                self.evaluate_and_save()
+                t_log += time.time() - t_eval  # evaluation and checkpointing are not training time
+            if at_end:
+                break
+            lr = get_lr(self.iter_num, c)
+            self.train_step(lr)
+            self.iter_num += 1
+            iters_since_log += 1
+            if self.iter_num % c["log_interval"] == 0 or self.iter_num == c["max_iters"]:
+                self.log_steps(lr, iters_since_log, (time.time() - t_log) / iters_since_log)
+                t_log, iters_since_log = time.time(), 0
+        if run.master:
+            print(f"done in {time.time() - self.t_start:.1f}s; best val loss {self.best_val_loss:.4f}; "
+                  f"checkpoints in {self.out_dir}; peak memory {distributed.peak_memory_mib(run):,.0f} MiB")
+
+
+def main(argv=None):
+    trainer = Trainer(load_config(sys.argv[1:] if argv is None else argv))
+    try:
+        trainer.train()
+    finally:
+        distributed.finish(trainer.run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ sys.path.insert(0, str(ROOT))
 from data_utils import SFTData, UserError, pick_device, run_cli  # noqa: E402
 from data.prepare_sft import vocabulary  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from train import pick_dtype  # noqa: E402
+from optimizers import configure_optimizers  # noqa: E402
+from distributed import pick_dtype  # noqa: E402
 
 
 def build(out_dir, args, *extra):
@@ -45,7 +46,7 @@ class Run:
         device_type = "cuda" if device.startswith("cuda") else "cpu"
         dtype = getattr(torch, pick_dtype({"dtype": "auto"}, device_type))
         self.amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
-        self.opt = self.model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+        self.opt = configure_optimizers(self.model, 0.1, 1e-4, (0.9, 0.95), device_type)
         self.step_model = torch.compile(self.model) if device_type == "cuda" and args.compile else self.model
         gen = torch.Generator().manual_seed(0)
         self.batches = [data.get_batch("train", args.batch_size, gen, device) for _ in range(args.iters + 2)]

@@ -7,6 +7,12 @@ FLOP/s of a large matmul measured in the same run, same dtype).
   python benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,1024,0 --profile  # GPU
 
 --profile adds where one step's time goes (torch.profiler, self time of each op, grouped).
+--optimizer times one optimizer step against one forward + backward of the same model, for
+AdamW alone and for Muon with its Newton-Schulz iteration in fp32 and in bf16 (the guard that
+an optimizer step costing more than the model's step shows up here, not in a user's demo):
+
+  python benchmarks/bench_train.py config/train_tiny_cpu.py --optimizer --iters=20
+  ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_train.py config/train_tiny_cpu.py --optimizer  # as an AVX2-only CPU
 """
 import argparse
 import statistics
@@ -21,8 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
+from optimizers import configure_optimizers, muon_matrices, pick_ns_dtype  # noqa: E402
 from tokenizer import data_vocabulary  # noqa: E402
-from train import load_config, measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
+from distributed import measure_peak_flops, pick_dtype  # noqa: E402
+from train import load_config, pick_loss_chunk_rows  # noqa: E402
 
 
 def where_time_goes(step, cuda=False):
@@ -105,7 +113,7 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
     default_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], device_type)  # what train.py would use
     dtype = getattr(torch, pick_dtype(dict(c, dtype="auto"), device_type))
     amp = nullcontext() if dtype == torch.float32 else torch.autocast(device_type, dtype=dtype)
-    opt = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device_type)
+    opt = configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type)
     use_compile = device_type == "cuda" if compile == "auto" else compile == "1"
     step_model = torch.compile(model, mode=compile_mode) if use_compile else model
     B, T = batch_size or c["batch_size"], c["block_size"]
@@ -156,6 +164,50 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         where_time_goes(step, cuda=device_type == "cuda")
 
 
+def bench_optimizer(config_path, iters, device):
+    """Median ms of one forward + backward and of one optimizer step, measured alternately
+    on the config's model (fp32, eager) with each optimizer; the ratio is step / fwd+bwd."""
+    c = load_config([config_path])
+    torch.manual_seed(0)
+    vocab = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]).vocab_size
+    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
+                          vocab_size=vocab, rope=c["rope"])).to(device)
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    muon_lr = c["muon_lr"] or 0.01
+    shape = max((p.shape for p in muon_matrices(model)), key=lambda s: s.numel())
+    auto, why = pick_ns_dtype("auto", device, shape)
+    optimizers = {"AdamW": configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type)}
+    for dtype in (torch.float32, torch.bfloat16):
+        optimizers[f"Muon + AdamW, Newton-Schulz in {str(dtype)[6:]}"] = configure_optimizers(
+            model, 0.1, 1e-4, (0.9, 0.95), device_type, muon_lr, dtype)
+    x = torch.randint(0, vocab, (c["batch_size"], c["block_size"]), device=device)
+    sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
+
+    def timed(fn):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    fwd_bwd, steps = [], {name: [] for name in optimizers}
+    for i in range(iters + 2):  # two warm-ups; the optimizers take turns on the same gradients
+        model.zero_grad(set_to_none=True)
+        t = timed(lambda: model(x, x)[1].backward())
+        for name, opt in optimizers.items():
+            dt = timed(opt.step)
+            if i >= 2:
+                steps[name].append(dt)
+        if i >= 2:
+            fwd_bwd.append(t)
+    base = statistics.median(fwd_bwd)
+    print(f"{config_path}: {model.num_params() / 1e6:.2f}M params, batch {x.shape[0]}x{x.shape[1]}, fp32; "
+          f"forward + backward {base * 1000:.1f} ms; Muon's 'auto' picks {str(auto)[6:]} ({why})")
+    for name, times in steps.items():
+        dt = statistics.median(times)
+        print(f"  {name}: step {dt * 1000:.1f} ms = x{dt / base:.2f} of forward + backward")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
@@ -167,12 +219,16 @@ def main():
     p.add_argument("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile ('auto': on CUDA)")
     p.add_argument("--compile_mode", default="default", help="torch.compile's mode, e.g. max-autotune")
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
+    p.add_argument("--optimizer", action="store_true", help="time one optimizer step against one forward + backward")
     p.add_argument("--device", default="auto")
     args = p.parse_args()
     device = pick_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")
     for cfg in args.configs:
+        if args.optimizer:
+            bench_optimizer(cfg, args.iters, device)
+            continue
         bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile,
               [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None],
               args.compile, args.compile_mode)

@@ -1,6 +1,7 @@
 """Shared fixtures: real data (the embedded corpus, which needs no apt), prepared once per
 session into a temp folder, and the flags of a tiny model that trains in seconds on CPU."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -50,6 +51,33 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_single_and_ddp(args, tmp_path):
+    """train.py with args in one process (out_dir tmp_path/single) and as 2 gloo processes
+    under torchrun (tmp_path/ddp); returns torchrun's CompletedProcess, checked."""
+    import train
+    train.main([*args, f"--out_dir={tmp_path / 'single'}"])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def assert_same_training(single, distributed, iters):
+    """A distributed run logged the single-process run's losses and ended with its weights
+    (an adapter run's: the adapter's)."""
+    import torch
+    from checkpoint import load_checkpoint
+    one, many = read_log(single, "train"), read_log(distributed, "train")
+    assert len(many) == iters
+    for a, b in zip(one, many):
+        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
+    w1 = load_checkpoint(single / "ckpt.pt")["model"]
+    w2 = load_checkpoint(distributed / "ckpt.pt")["model"]
+    assert sorted(w1) == sorted(w2) and all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 def read_log(out_dir, kind):

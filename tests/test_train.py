@@ -7,7 +7,7 @@ import torch
 
 import train
 from checkpoint import load_checkpoint
-from conftest import ROOT, TINY, free_port, read_log, run_script
+from conftest import ROOT, TINY, assert_same_training, free_port, read_log, run_script, train_single_and_ddp
 from data_utils import UserError
 
 
@@ -24,17 +24,6 @@ def test_tiny_pretrain_lowers_val_loss(tmp_path, pretrain_dir):
     assert len(steps) == 40 and all(s["tokens_per_s"] > 0 and 0 < s["mfu"] for s in steps)
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["kind"] == "pretrain" and best["iter_num"] == 40
-
-
-def assert_same_training(single, distributed, iters):
-    """A distributed run logged the single-process run's losses and ended with its weights."""
-    one, many = read_log(single, "train"), read_log(distributed, "train")
-    assert len(many) == iters
-    for a, b in zip(one, many):
-        assert abs(a["loss"] - b["loss"]) < 1e-4, (a, b)
-    w1 = load_checkpoint(single / "ckpt.pt")["model"]
-    w2 = load_checkpoint(distributed / "ckpt.pt")["model"]
-    assert all(torch.allclose(w1[k], w2[k], atol=1e-5) for k in w1)
 
 
 MODES = pytest.mark.parametrize("data_dir", ["pretrain", "sft", "sft-packed"], indirect=True)
@@ -56,12 +45,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, data_dir):
 def test_ddp_two_processes_match_single_process(tmp_path, data_dir):
     args = [*TINY, f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", "--gradient_accumulation_steps=4",
             "--block_size=64"]
-    train.main([*args, f"--out_dir={tmp_path / 'single'}"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    proc = train_single_and_ddp(args, tmp_path)
     assert "device cpu x2" in proc.stdout
     assert_same_training(tmp_path / "single", tmp_path / "ddp", iters=6)
 
@@ -130,3 +114,30 @@ def test_missing_and_corrupt_checkpoints(tmp_path, pretrain_dir):
     torch.save({"model": {}}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="missing model_args"):
         load_checkpoint(tmp_path / "other.pt")
+
+
+def test_resume_after_kill_with_dropout_and_measured_peak(tmp_path, pretrain_dir):
+    """As the demo runs: dropout on, Muon, peak_flops='auto' (a matmul probe at start-up).
+    A run killed (SIGKILL) after a checkpoint and resumed logs the uninterrupted run's
+    losses bit for bit: the start-up probes leave the dropout RNG alone."""
+    tiny = [a for a in TINY if not a.startswith("--peak_flops")]  # the default: 'auto'
+    common = [*tiny, f"--data_dir={pretrain_dir}", "--block_size=64", "--dropout=0.1", "--muon_lr=0.02",
+              "--eval_interval=6", "--lr_decay_iters=24"]
+    train.main([*common, f"--out_dir={tmp_path / 'full'}", "--max_iters=24"])
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "train.py", *common, f"--out_dir={tmp_path / 'killed'}", "--max_iters=100000"],
+                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # the checkpoint of iteration 6 is written before iteration 7 runs
+        if line.startswith("iter 8:"):
+            proc.kill()
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -9
+    killed_at = load_checkpoint(tmp_path / "killed" / "ckpt.pt")["iter_num"]
+    assert 6 <= killed_at < 24
+    train.main([*common, f"--out_dir={tmp_path / 'killed'}", "--max_iters=24", "--init_from='resume'"])
+    full, resumed = read_log(tmp_path / "full", "train"), read_log(tmp_path / "killed", "train")
+    assert [s["iter"] for s in resumed] == list(range(1, 25))
+    assert [s["loss"] for s in resumed] == [s["loss"] for s in full]
+    assert [e["val_loss"] for e in read_log(tmp_path / "killed", "eval")] == \
+        [e["val_loss"] for e in read_log(tmp_path / "full", "eval")]
