@@ -80,16 +80,22 @@ def model_from_checkpoint(ckpt, model_args=None):
 
 
 def load_base(ckpt, path, base=None):
-    """The full checkpoint an adapter checkpoint (at path) was trained on: from its "base"
-    path, or `base` where the user points elsewhere; refused unless its sha256 matches."""
-    where = Path(base or ckpt["base"]["path"])
+    """The full checkpoint an adapter checkpoint (at path) was trained on: `base` where the
+    user points elsewhere, else its "base" path as given to train.py (relative to the working
+    directory) or, from another directory, as it resolved then; refused unless its sha256
+    matches."""
+    info = ckpt["base"]
+    places = [Path(base)] if base else list(dict.fromkeys(Path(p) for p in (info["path"], info.get("resolved")) if p))
     flag = "pass --base=PATH" if base is None else "point --base at it"
-    if not where.is_file():
-        raise UserError(f"{path}: its base model {where} is not there (the adapter's 'base' path, from train.py's "
+    found = [p for p in places if p.is_file()]
+    if not found:
+        raise UserError(f"{path}: its base model {places[0]} is not there (the adapter's 'base' path, from train.py's "
                         f"init_from): put the base back or {flag}")
-    if file_sha256(where) != ckpt["base"]["sha256"]:
-        raise UserError(f"{path}: its base {where} is not the checkpoint the adapter was trained on (sha256 "
-                        f"{file_sha256(where)[:12]}…, trained on {ckpt['base']['sha256'][:12]}…): {flag}")
+    hashes = {p: file_sha256(p) for p in found}
+    where = next((p for p in found if hashes[p] == info["sha256"]), None)
+    if where is None:
+        raise UserError(f"{path}: its base {found[0]} is not the checkpoint the adapter was trained on (sha256 "
+                        f"{hashes[found[0]][:12]}…, trained on {info['sha256'][:12]}…): {flag}")
     base_ckpt = load_checkpoint(where)
     if "adapter" in base_ckpt:
         raise UserError(f"{path}: its base {where} is itself an adapter; an adapter goes on a full model")

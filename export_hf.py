@@ -34,7 +34,7 @@ import torch
 
 from adapters import merge_lora
 from chat_template import CHATML_ROLE, PREFIX
-from checkpoint import find_checkpoint, load_model
+from checkpoint import find_checkpoint, load_base, load_model, model_from_checkpoint
 from data_utils import UserError, run_cli
 from generation import model_template
 from tokenizer import SPECIALS, merge_parts
@@ -242,7 +242,7 @@ def main():
               f"AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
         return
     # an adapter: the base model's folder, and beside it peft's adapter folder that points at it
-    base, _, _ = load_model(args.base or ckpt["base"]["path"])
+    base = model_from_checkpoint(load_base(ckpt, args.out_dir, args.base)).eval()  # the one the adapter's hash names
     hf = hf_model(base, ckpt["model_args"], tok)
     write_model(hf, fast, tok, dest / "base", dict(info, checkpoint=str(args.base or ckpt["base"]["path"]),
                                                    finetune=None))

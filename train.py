@@ -176,7 +176,7 @@ class Trainer:
                 self.adapter = resumed_adapter  # the run's own settings, whatever the config says now
             if self.adapter and not resumed_adapter:  # a new adapter on the frozen init_from model
                 model = add_adapter(model, self.adapter)
-                self.base = {"path": str(path), "sha256": file_sha256(path)}
+                self.base = {"path": str(path), "resolved": str(path.resolve()), "sha256": file_sha256(path)}
         model.to(run.device)
         model.loss_chunk_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], run.device_type)
         # the config saved with the checkpoints tells the model that was trained, also where

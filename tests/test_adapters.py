@@ -100,3 +100,20 @@ def test_generation_under_a_prefix_cached_static_and_batched(rope):
     assert torch.equal(long, generate(model, prompts[:1], 16, temperature=0, use_cache=False))
     with pytest.raises(ValueError, match="exceeds block_size 24 less the prefix's 5"):
         model(torch.zeros(1, 20, dtype=torch.long))
+
+
+@pytest.mark.parametrize("settings", [LORA, PTUNING], ids=["lora", "ptuning"])
+def test_adapters_compile_to_the_eager_loss_and_gradients(settings):
+    """torch.compile (the CUDA default; inductor here) traces both adapters: the same loss and
+    adapter gradients as eager."""
+    model = trained(add_adapter(tiny(rope=True), settings), scale=0.3)
+    x, y = torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16))
+    grads = []
+    for step_model in (model, torch.compile(model)):
+        model.zero_grad()
+        _, loss = step_model(x, y)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads[0][1], grads[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

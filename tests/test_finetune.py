@@ -142,3 +142,15 @@ def test_adapter_checkpoints_of_the_demo_model_are_under_5_percent(tmp_path, pre
         for name in ("best.pt", "ckpt.pt"):
             size, full = (os.path.getsize(tmp_path / d / name) for d in (method, "sft"))
             assert size < 0.05 * full, (method, name, size, full)
+
+
+def test_a_relative_base_is_found_from_another_directory(tmp_path, base, tiny_sft_data, monkeypatch):
+    """init_from relative to where train.py ran: loading from elsewhere falls back to the path
+    it resolved to then (the same file: its sha256 still matches)."""
+    (tmp_path / "base.pt").write_bytes(base.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    finetune(tmp_path / "lora", tiny_sft_data, "base.pt", "lora", "--max_iters=2", "--eval_interval=2")
+    assert load_checkpoint(tmp_path / "lora" / "ckpt.pt")["base"]["path"] == "base.pt"
+    monkeypatch.chdir(base.parent)
+    model, _, meta = load_model(tmp_path / "lora")
+    assert meta["adapter"]["method"] == "lora" and meta["base"]["resolved"] == str(tmp_path / "base.pt")
