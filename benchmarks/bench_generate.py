@@ -62,7 +62,7 @@ def main():
         tok = GPT2
     else:
         raise UserError("give --out_dir or --config")
-    n = min(args.new_tokens, model.config.block_size - 8)
+    n = min(args.new_tokens, model.context_size - 8)  # (a P-Tuning prefix takes positions)
     idx = torch.tensor([tok.encode("问:请背诵《静夜思》。\n答:")[:8]], device=device)
     timed(model, idx, 8, True, device)  # warm-up
     cached, t_cache = timed(model, idx, n, True, device)
