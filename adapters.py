@@ -139,7 +139,7 @@ def adapter_state(model):
 
 def load_adapter_state(model, state, where):
     """Put an adapter checkpoint's weights into a model that add_adapter has prepared."""
-    expected = set(adapter_state(model))
+    expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != expected:
         raise UserError(f"{where}: its adapter weights ({len(state)}) do not fit the adapter its settings make "
                         f"({len(expected)}): missing {sorted(expected - set(state))[:3]}, extra "

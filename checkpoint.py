@@ -91,11 +91,14 @@ def load_base(ckpt, path, base=None):
     if not found:
         raise UserError(f"{path}: its base model {places[0]} is not there (the adapter's 'base' path, from train.py's "
                         f"init_from): put the base back or {flag}")
-    hashes = {p: file_sha256(p) for p in found}
-    where = next((p for p in found if hashes[p] == info["sha256"]), None)
-    if where is None:
+    digests = {}
+    for where in found:  # the same file may stand there twice (relative and resolved): stop at a match
+        digests[where] = file_sha256(where)
+        if digests[where] == info["sha256"]:
+            break
+    else:
         raise UserError(f"{path}: its base {found[0]} is not the checkpoint the adapter was trained on (sha256 "
-                        f"{hashes[found[0]][:12]}…, trained on {info['sha256'][:12]}…): {flag}")
+                        f"{digests[found[0]][:12]}…, trained on {info['sha256'][:12]}…): {flag}")
     base_ckpt = load_checkpoint(where)
     if "adapter" in base_ckpt:
         raise UserError(f"{path}: its base {where} is itself an adapter; an adapter goes on a full model")

@@ -25,6 +25,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 FORTUNES = Path("/usr/share/games/fortunes/tang300")  # data/fetch_data.py reads it and its siblings
+SFT_CONFIGS = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_cpu.py",
+               "ptuning": "config/sft_ptuning_tiny_cpu.py"}
+
+
+def sft_rows(method, overrides=()):
+    """Tokens per SFT row for a method (its config, then train.py --key=value overrides): the
+    tiny pretrain's block_size + 1, less the positions a P-Tuning prefix takes."""
+    from train import load_config
+    block = load_config([str(ROOT / "config/train_tiny_cpu.py")])["block_size"]
+    c = load_config([str(ROOT / SFT_CONFIGS[method]), *overrides])
+    return block + 1 - (c["num_virtual_tokens"] if method == "ptuning" else 0)
 
 
 def step(title, *args):
@@ -50,10 +61,9 @@ def main():
     args = p.parse_args()
     pre = Path(args.out) / "tiny-pretrain"
     sft = Path(args.out) / {"full": "tiny-sft", "lora": "tiny-lora", "ptuning": "tiny-ptuning"}[args.finetune]
-    config = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_cpu.py",
-              "ptuning": "config/sft_ptuning_tiny_cpu.py"}[args.finetune]
-    # P-Tuning's 16 virtual tokens take 16 of the model's 256 positions: shorter SFT rows
-    sft_data, rows = ("data/sft-241", 241) if args.finetune == "ptuning" else ("data/sft", 256)
+    # P-Tuning's virtual tokens take some of the model's positions: its SFT rows are shorter
+    rows = sft_rows(args.finetune)
+    sft_data = f"data/sft-{rows}" if args.finetune == "ptuning" else "data/sft"
     quick = ["--max_iters=8", "--eval_interval=4", "--eval_iters=2", "--log_interval=2"] if args.smoke else []
     data = args.data
     if data == "auto":
@@ -72,7 +82,7 @@ def main():
              *quick)
     step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
          f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
-    step(f"tiny SFT ({args.finetune})", "train.py", config, f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}",
+    step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}",
          f"--data_dir={sft_data}", *quick)
     step("evaluate SFT vs pretrained, write the report", "evaluations.py", f"--out_dir={sft}", f"--compare={pre}",
          f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",

@@ -34,7 +34,7 @@ import torch
 
 from adapters import merge_lora
 from chat_template import CHATML_ROLE, PREFIX
-from checkpoint import find_checkpoint, load_base, load_model, model_from_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint
 from data_utils import UserError, run_cli
 from generation import model_template
 from tokenizer import SPECIALS, merge_parts
@@ -222,7 +222,11 @@ def main():
     p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
     p.add_argument("--merge", action="store_true", help="a LoRA adapter: fold it into the weights and write one model")
     args = p.parse_args()
-    model, tok, ckpt = load_model(args.out_dir, base=args.base)
+    file = find_checkpoint(args.out_dir)
+    ckpt = load_checkpoint(file)
+    # the model (an adapter on its base), and the base's checkpoint: read and hash-checked once
+    model, tok, base_ckpt = open_checkpoint(ckpt, file, base=args.base)
+    model.eval()
     template, adapter = model_template(ckpt), ckpt.get("adapter")
     if args.merge and (adapter or {}).get("method") != "lora":
         raise UserError(f"{args.out_dir}: --merge folds a LoRA adapter into its base; this is "
@@ -230,7 +234,7 @@ def main():
                            if adapter else "a full model already (export it without --merge)"))
     fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
     dest = Path(args.dest)
-    info = {"checkpoint": str(find_checkpoint(args.out_dir)), "vocab": tok.name, "template": template,
+    info = {"checkpoint": str(file), "vocab": tok.name, "template": template,
             "kind": ckpt.get("kind"), "iter": ckpt["iter_num"], "finetune": (adapter or {}).get("method", "full")}
     if args.merge:
         merge_lora(model)
@@ -242,8 +246,7 @@ def main():
               f"AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
         return
     # an adapter: the base model's folder, and beside it peft's adapter folder that points at it
-    base = model_from_checkpoint(load_base(ckpt, args.out_dir, args.base)).eval()  # the one the adapter's hash names
-    hf = hf_model(base, ckpt["model_args"], tok)
+    hf = hf_model(model_from_checkpoint(base_ckpt).eval(), ckpt["model_args"], tok)
     write_model(hf, fast, tok, dest / "base", dict(info, checkpoint=str(args.base or ckpt["base"]["path"]),
                                                    finetune=None))
     peft_model = peft_adapter(hf, model, adapter)

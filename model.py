@@ -222,12 +222,13 @@ class LinearCrossEntropy(torch.autograd.Function):
                 p = probs.to(compute_dtype) if low else probs  # fp16: magnitudes <= 1, no underflow from / count
                 if need_gx:
                     gx[s:s + chunk_rows] = p @ wl
-                if need_gw and gw is None:
-                    gw = (p.t() @ xc).float()
-                elif need_gw and low:
-                    gw += p.t() @ xc  # accumulated in fp32
-                elif need_gw:
-                    gw.addmm_(p.t(), xc)
+                if need_gw:
+                    if gw is None:
+                        gw = (p.t() @ xc).float()
+                    elif low:
+                        gw += p.t() @ xc  # accumulated in fp32
+                    else:
+                        gw.addmm_(p.t(), xc)
         ctx.save_for_backward(gx, None if gw is None else gw.to(weight.dtype), count)
         return total / count
 
@@ -283,6 +284,10 @@ class GPT(nn.Module):
         positions (the text starts after them, as in peft)."""
         return self.config.block_size - (self.prefix.n if self.prefix is not None else 0)
 
+    def layer_prefixes(self):
+        """Each layer's (keys, values) of a P-Tuning prefix, or None per layer without one."""
+        return self.prefix() if self.prefix is not None else [None] * len(self.transformer.h)
+
     def embed(self, idx, pos):
         """Token embeddings plus learned positions, or the tokens alone and RoPE's (cos, sin).
         With a prefix, the text's positions start after its N virtual tokens."""
@@ -308,9 +313,8 @@ class GPT(nn.Module):
             pos = torch.arange(start, start + T, device=idx.device)
         x, rope = self.embed(idx, pos)
         x = self.transformer.drop(x)
-        prefix = self.prefix() if self.prefix is not None else [None] * len(self.transformer.h)
-        for i, block in enumerate(self.transformer.h):
-            x = block(x, attn_mask, kv_cache, i, rope=rope, prefix=prefix[i])
+        for i, (block, prefix) in enumerate(zip(self.transformer.h, self.layer_prefixes())):
+            x = block(x, attn_mask, kv_cache, i, rope=rope, prefix=prefix)
         if kv_cache is not None:
             kv_cache.length += T
         x = self.transformer.ln_f(x)
@@ -363,9 +367,8 @@ class GPT(nn.Module):
         slots = torch.arange(self.config.block_size, device=idx.device)
         attend = ((slots[None, :] <= slot) & (slots[None, :] >= pad[:, None]))[:, None, None, :]
         x, rope = self.embed(idx, (slot - pad)[:, None])
-        prefix = self.prefix() if self.prefix is not None else [None] * len(self.transformer.h)
-        for block, layer_prefix in zip(self.transformer.h, prefix):
-            x = block(x, attend, slot=slot, rope=rope, prefix=layer_prefix)
+        for block, prefix in zip(self.transformer.h, self.layer_prefixes()):
+            x = block(x, attend, slot=slot, rope=rope, prefix=prefix)
         return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
 
     def compiled_decode_step(self):

@@ -16,6 +16,8 @@ import torch
 
 from data_utils import UserError
 
+NEWTON_SCHULZ = dict(coefficients=(3.4445, -4.7750, 2.0315), steps=5, eps=1e-7)  # torch.optim.Muon's defaults
+
 
 def get_lr(it, c):
     """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
@@ -86,16 +88,16 @@ def time_newton_schulz(shape, dtype, device, reps=3):
     for i in range(reps + 1):
         sync()
         t0 = time.perf_counter()
-        orthogonalize(g, dtype, (3.4445, -4.7750, 2.0315), 5, 1e-7)
+        orthogonalize(g, dtype, **NEWTON_SCHULZ)
         sync()
         if i:
             best = min(best, time.perf_counter() - t0)
     return best
 
 
-def pick_ns_dtype(setting, device, shape):
-    """(dtype, why) for Muon's Newton-Schulz iteration. 'auto': bfloat16 on CUDA; on the CPU
-    the faster of fp32 and bf16 for the model's largest Muon matrix, measured here, with
+def pick_ns_dtype(setting, device, matrices):
+    """(dtype, why) for Muon's Newton-Schulz iteration over `matrices` (muon_matrices). 'auto':
+    bfloat16 on CUDA; on the CPU the faster of fp32 and bf16 for the largest, measured here, with
     bf16 only where it is clearly faster (x1.5: a close call would flip between runs, and
     fp32 is the more exact); fp32 elsewhere (MPS)."""
     if setting in ("float32", "bfloat16"):
@@ -106,6 +108,7 @@ def pick_ns_dtype(setting, device, shape):
         return torch.bfloat16, "CUDA"
     if not device.startswith("cpu"):
         return torch.float32, device
+    shape = max((p.shape for p in matrices), key=lambda s: s.numel())
     fp32, bf16 = (time_newton_schulz(shape, dtype, device) for dtype in (torch.float32, torch.bfloat16))
     dtype = torch.bfloat16 if bf16 * 1.5 < fp32 else torch.float32
     return dtype, f"bf16 measured x{bf16 / fp32:.2f} the time of fp32 on this CPU"

@@ -162,12 +162,13 @@ class Trainer:
             path = self.out_dir / "ckpt.pt" if c["init_from"] == "resume" else Path(c["init_from"])
             ckpt = self.ckpt = load_checkpoint(path)
             resumed_adapter = ckpt.get("adapter")
+            method = (resumed_adapter or {}).get("method", "full")
             if c["init_from"] != "resume" and resumed_adapter:
                 raise UserError(f"{path}: an adapter checkpoint; init_from takes a full model (resume the adapter "
                                 f"run with init_from='resume', or start from its base {ckpt['base']['path']})")
-            if c["init_from"] == "resume" and (resumed_adapter or {}).get("method", "full") != c["finetune"]:
-                raise UserError(f"{path}: a finetune={(resumed_adapter or {}).get('method', 'full')!r} run; resume it "
-                                f"with that method, not finetune={c['finetune']!r}")
+            if c["init_from"] == "resume" and method != c["finetune"]:
+                raise UserError(f"{path}: a finetune={method!r} run; resume it with that method, not "
+                                f"finetune={c['finetune']!r}")
             model_args = dict(ckpt["model_args"], dropout=c["dropout"])
             model, tok, base_ckpt = open_checkpoint(ckpt, path, model_args)
             chars = (base_ckpt.get("chars") or "") + (ckpt.get("chars") or "")  # (the same one, for a full model)
@@ -197,9 +198,9 @@ class Trainer:
         """The optimizer over what trains; on resume, its state and every RNG stream as saved."""
         c, run, model = self.c, self.run, self.raw_model
         self.scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
-        shapes = [p.shape for p in muon_matrices(model)]
-        self.ns_dtype, self.ns_why = (pick_ns_dtype(c["muon_ns_dtype"], run.device, max(shapes, key=lambda s: s.numel()))
-                                      if c["muon_lr"] > 0 and shapes else (None, ""))
+        matrices = muon_matrices(model)
+        self.ns_dtype, self.ns_why = (pick_ns_dtype(c["muon_ns_dtype"], run.device, matrices)
+                                      if c["muon_lr"] > 0 and matrices else (None, ""))
         self.optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                               run.device_type, c["muon_lr"], self.ns_dtype)
         self.data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process

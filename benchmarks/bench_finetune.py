@@ -25,14 +25,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
+from demo import SFT_CONFIGS, sft_rows  # noqa: E402
 from evaluations import answer_metrics, held_out_questions  # noqa: E402
 from generation import DEFAULT_DECODING, answer_batch, model_constraint, model_template  # noqa: E402
 
-CONFIGS = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_cpu.py",
-           "ptuning": "config/sft_ptuning_tiny_cpu.py"}
 
-
-def sft_rows(pretrained, poems, rows, cache):
+def sft_data(pretrained, poems, rows, cache):
     """The default SFT set in the pretrained model's vocabulary, in rows of `rows` tokens."""
     out = Path(cache) / f"sft-{rows}"
     if not (out / "sft_train.bin").exists():
@@ -44,14 +42,12 @@ def sft_rows(pretrained, poems, rows, cache):
 def train_run(spec, args, work):
     """Train one run; (name, method, data folder, out_dir, what its output said)."""
     method, _, overrides = spec.partition(":")
-    if method not in CONFIGS:
-        raise UserError(f"{spec}: the method must be one of {', '.join(CONFIGS)}")
+    if method not in SFT_CONFIGS:
+        raise UserError(f"{spec}: the method must be one of {', '.join(SFT_CONFIGS)}")
     flags = [f"--{kv}" for kv in overrides.split(",") if kv]
-    n_virtual = next((int(f.split("=")[1]) for f in flags if f.startswith("--num_virtual_tokens=")), 16)
-    rows = 257 - n_virtual if method == "ptuning" else 256  # the prefix takes positions of the 256
-    data = sft_rows(args.pretrained, args.poems, rows, work)
+    data = sft_data(args.pretrained, args.poems, sft_rows(method, flags), work)
     out = Path(work) / re.sub(r"[^\w.=-]+", "_", spec)
-    cmd = [sys.executable, "train.py", CONFIGS[method], f"--init_from={Path(args.pretrained) / 'best.pt'}",
+    cmd = [sys.executable, "train.py", SFT_CONFIGS[method], f"--init_from={Path(args.pretrained) / 'best.pt'}",
            f"--data_dir={data}", f"--out_dir={out}", f"--log_interval={args.log_interval}", *flags]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
