@@ -31,11 +31,13 @@ SFT_CONFIGS = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_c
 
 def sft_rows(method, overrides=()):
     """Tokens per SFT row for a method (its config, then train.py --key=value overrides): the
-    tiny pretrain's block_size + 1, less the positions a P-Tuning prefix takes."""
+    tiny pretrain's block_size (256); with a P-Tuning prefix, as many as fit beside it
+    (block_size + 1 - its virtual tokens: the model sees a row less its last token)."""
     from train import load_config
     block = load_config([str(ROOT / "config/train_tiny_cpu.py")])["block_size"]
-    c = load_config([str(ROOT / SFT_CONFIGS[method]), *overrides])
-    return block + 1 - (c["num_virtual_tokens"] if method == "ptuning" else 0)
+    if method != "ptuning":
+        return block
+    return block + 1 - load_config([str(ROOT / SFT_CONFIGS[method]), *overrides])["num_virtual_tokens"]
 
 
 def step(title, *args):
