@@ -84,6 +84,25 @@ def penalize(logits, written, seen=None, penalty=1.0, no_repeat_ngram=0):
     return logits
 
 
+def choose_next(logits, written, seen, rows, states, temperature=0.0, top_k=None, top_p=None,
+                repetition_penalty=1.0, no_repeat_ngram=0, generator=None):
+    """Each row's next token id (B,) from its logits (B, V): the penalties over what it wrote
+    (penalize), its decoding constraint (rows: a TextConstraint or None per row, each in its
+    state), then sampling. The step that generate_stream and batching.py both take."""
+    scores = penalize(logits, written, seen, repetition_penalty, no_repeat_ngram)
+    if any(c is not None for c in rows):
+        allowed = torch.from_numpy(np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
+                                             for c, s in zip(rows, states)])).to(logits.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        # a half-written character may have one way to end, which the n-gram rule can ban
+        # (a repeated character is a repeated n-gram of its byte tokens): the constraint wins
+        stuck = torch.isneginf(scores).all(dim=-1)
+        if no_repeat_ngram and bool(stuck.any()):
+            unbanned = penalize(logits, written, seen, repetition_penalty, 0).masked_fill(~allowed, float("-inf"))
+            scores = torch.where(stuck[:, None], unbanned, scores)
+    return sample_next(scores, temperature, top_k, top_p, generator)
+
+
 @torch.no_grad()
 def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
                     use_cache=True, generator=None, constraint=None, pad=None, states=None,
@@ -140,20 +159,8 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 logits, _ = model(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
         else:
             logits, _ = model(idx[:, -block:], last_logits_only=True, pad=pad)
-        logits = logits[:, -1, :]
-        scores = penalize(logits, written, seen, repetition_penalty, no_repeat_ngram)
-        if constraint is not None:
-            allowed = torch.from_numpy(np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
-                                                 for c, s in zip(rows, states)])).to(logits.device)
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            # a half-written character may have one way to end, which the n-gram rule can ban
-            # (a repeated character is a repeated n-gram of its byte tokens): the constraint wins
-            stuck = torch.isneginf(scores).all(dim=-1)
-            if no_repeat_ngram and bool(stuck.any()):
-                unbanned = penalize(logits, written, seen, repetition_penalty, 0).masked_fill(~allowed, float("-inf"))
-                scores = torch.where(stuck[:, None], unbanned, scores)
-        logits = scores
-        next_id = sample_next(logits, temperature, top_k, top_p, generator)
+        next_id = choose_next(logits[:, -1, :], written, seen, rows, states, temperature, top_k, top_p,
+                              repetition_penalty, no_repeat_ngram, generator)
         if constraint is not None:
             states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
         if stop_token is not None:

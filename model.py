@@ -52,13 +52,14 @@ def apply_rotary(t, cos, sin):
 
 class KVCache:
     """Per-layer keys/values for incremental decoding; `length` tokens are filled. With
-    `tensors` (lists of per-layer k and v), it fills those (GPT.static_cache)."""
+    `tensors` (lists of per-layer k and v), it fills those (GPT.static_cache). With
+    `lengths` (B,), each row has its own length instead (GPT.decode_ragged)."""
 
     def __init__(self, config, batch_size, device, dtype, tensors=None):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
         self.k, self.v = tensors or [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
                                      for _ in "kv"]
-        self.length = 0
+        self.length, self.lengths = 0, None
 
 
 class CausalSelfAttention(nn.Module):
@@ -85,6 +86,10 @@ class CausalSelfAttention(nn.Module):
             self.k_cache.index_copy_(2, slot, k)
             self.v_cache.index_copy_(2, slot, v)
             k, v, is_causal = self.k_cache, self.v_cache, False
+        elif cache is not None and cache.lengths is not None:  # one token per row, each at its own length
+            rows, at, S = torch.arange(B, device=x.device), cache.lengths, attn_mask.size(-1)
+            cache.k[layer][rows, :, at], cache.v[layer][rows, :, at] = k[:, :, 0], v[:, :, 0]
+            k, v, is_causal = cache.k[layer][:B, :, :S], cache.v[layer][:B, :, :S], False
         elif cache is not None:
             start = cache.length
             cache.k[layer][:, :, start:start + T] = k
@@ -369,6 +374,17 @@ class GPT(nn.Module):
         x, rope = self.embed(idx, (slot - pad)[:, None])
         for block, prefix in zip(self.transformer.h, self.layer_prefixes()):
             x = block(x, attend, slot=slot, rope=rope, prefix=prefix)
+        return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
+
+    def decode_ragged(self, idx, cache):
+        """Logits (B, vocab) of one new token per row, idx (B, 1), for the first B rows of a
+        KVCache whose row b holds cache.lengths[b] tokens (batching.py: requests that started
+        at different times in one batch). The same computation as forward() with a KVCache."""
+        keys = torch.arange(int(cache.lengths.max()) + 1, device=idx.device)
+        attend = (keys[None, :] <= cache.lengths[:, None])[:, None, None, :]
+        x, rope = self.embed(idx, cache.lengths[:, None])
+        for i, (block, prefix) in enumerate(zip(self.transformer.h, self.layer_prefixes())):
+            x = block(x, attend, cache, i, rope=rope, prefix=prefix)
         return self.lm_head(self.transformer.ln_f(x))[:, -1, :]
 
     def compiled_decode_step(self):
