@@ -13,6 +13,7 @@ answer is sample.py's token for token whatever else is in the batch (tests/test_
 """
 import threading
 from collections import Counter, defaultdict, deque
+from dataclasses import replace
 
 import torch
 
@@ -117,7 +118,8 @@ class Engine:
         width = max(len(j.ids) for j in jobs)
         idx = torch.tensor([[self.tok.eot] * (width - len(j.ids)) + j.ids for j in jobs], device=self.device)
         pad = torch.tensor([width - len(j.ids) for j in jobs], device=self.device)
-        cache = KVCache(self.model.config, len(jobs), self.device, self.cache.k[0].dtype)
+        # a cache just as long as the prompts (not block_size): it is copied into the rows, then dropped
+        cache = KVCache(replace(self.model.config, block_size=width), len(jobs), self.device, self.cache.k[0].dtype)
         logits, _ = self.model(idx, kv_cache=cache, last_logits_only=True, pad=pad if len(jobs) > 1 else None)
         for r, j in enumerate(jobs):
             row, n, p = len(self.rows), len(j.ids), int(pad[r])
@@ -150,14 +152,9 @@ class Engine:
         out = torch.empty(len(jobs), dtype=torch.long, device=self.device)
         for members in groups.values():
             first = jobs[members[0]]
-            written = [jobs[i].written for i in members]
-            seen = None
-            if first.decoding["repetition_penalty"] != 1.0:
-                seen = torch.zeros(len(members), logits.size(-1), dtype=torch.bool, device=self.device)
-                for r, ids in enumerate(written):
-                    seen[r, ids] = True
             sel = torch.tensor(members, device=self.device)
-            out[sel] = choose_next(logits[sel], written, seen, [jobs[i].constraint for i in members],
+            rows = logits if len(members) == len(jobs) else logits[sel]
+            out[sel] = choose_next(rows, [jobs[i].written for i in members], [jobs[i].constraint for i in members],
                                    [jobs[i].state for i in members], generator=first.generator, **first.decoding)
         return out.tolist()
 

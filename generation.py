@@ -49,8 +49,8 @@ def decoding_from_flags(args, base=DEFAULT_DECODING):
 
 def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id per row from (B, V) logits."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)
+    if temperature == 0:  # max's index: the first of equal maxima, as argmax's, in a third of argmax's time (CPU)
+        return logits.max(dim=-1).indices
     logits = logits.float() / temperature
     if top_k is not None and top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
@@ -66,14 +66,21 @@ def sample_next(logits, temperature=1.0, top_k=None, top_p=None, generator=None)
     return torch.multinomial(probs, num_samples=1, generator=generator)[:, 0]
 
 
-def penalize(logits, written, seen=None, penalty=1.0, no_repeat_ngram=0):
+def penalize(logits, written, penalty=1.0, no_repeat_ngram=0):
     """Logits after the penalties over each row's answer so far (written: its token ids),
-    with the semantics of HF transformers: a token already in the answer (seen: (B, V)
-    bool) has a positive logit divided by penalty and a negative one multiplied by it
-    (repetition_penalty); a token that would repeat an n-gram of the answer is banned
-    (no_repeat_ngram_size). Penalty 1.0 and n-gram 0 leave the logits as they are."""
-    if penalty != 1.0:
-        logits = torch.where(seen, torch.where(logits > 0, logits / penalty, logits * penalty), logits)
+    with the semantics of HF transformers: a token already in the answer has a positive
+    logit divided by penalty and a negative one multiplied by it (repetition_penalty, on
+    the answer's tokens only: gathered and scattered back, as HF does); a token that would
+    repeat an n-gram of the answer is banned (no_repeat_ngram_size). Penalty 1.0 and
+    n-gram 0 leave the logits as they are."""
+    if penalty != 1.0 and any(written):
+        width = max(map(len, written))  # short rows repeat their last token; empty rows write token 0 back as it was
+        ids = torch.tensor([w + w[-1:] * (width - len(w)) if w else [0] * width for w in written], device=logits.device)
+        got = logits.gather(1, ids)
+        new = torch.where(got > 0, got / penalty, got * penalty)
+        if not all(written):
+            new = torch.where(torch.tensor([[bool(w)] for w in written], device=logits.device), new, got)
+        logits = logits.scatter(1, ids, new)
     if no_repeat_ngram:
         n, banned = no_repeat_ngram, torch.zeros_like(logits, dtype=torch.bool)
         for row, ids in enumerate(written):
@@ -84,21 +91,21 @@ def penalize(logits, written, seen=None, penalty=1.0, no_repeat_ngram=0):
     return logits
 
 
-def choose_next(logits, written, seen, rows, states, temperature=0.0, top_k=None, top_p=None,
+def choose_next(logits, written, rows, states, temperature=0.0, top_k=None, top_p=None,
                 repetition_penalty=1.0, no_repeat_ngram=0, generator=None):
     """Each row's next token id (B,) from its logits (B, V): the penalties over what it wrote
     (penalize), its decoding constraint (rows: a TextConstraint or None per row, each in its
     state), then sampling. The step that generate_stream and batching.py both take."""
-    scores = penalize(logits, written, seen, repetition_penalty, no_repeat_ngram)
+    scores = penalize(logits, written, repetition_penalty, no_repeat_ngram)
     if any(c is not None for c in rows):
         allowed = torch.from_numpy(np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
                                              for c, s in zip(rows, states)])).to(logits.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
         # a half-written character may have one way to end, which the n-gram rule can ban
         # (a repeated character is a repeated n-gram of its byte tokens): the constraint wins
-        stuck = torch.isneginf(scores).all(dim=-1)
-        if no_repeat_ngram and bool(stuck.any()):
-            unbanned = penalize(logits, written, seen, repetition_penalty, 0).masked_fill(~allowed, float("-inf"))
+        stuck = scores.max(dim=-1).values == float("-inf") if no_repeat_ngram else None
+        if stuck is not None and bool(stuck.any()):
+            unbanned = penalize(logits, written, repetition_penalty, 0).masked_fill(~allowed, float("-inf"))
             scores = torch.where(stuck[:, None], unbanned, scores)
     return sample_next(scores, temperature, top_k, top_p, generator)
 
@@ -129,11 +136,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     states = list(states) if states is not None else [b""] * B  # the prompt ends between characters
     rows = list(constraint) if isinstance(constraint, (list, tuple)) else [constraint] * B
     written = [list(w) for w in written] if written is not None else [[] for _ in range(B)]
-    seen = None
-    if repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=idx.device)
-        for r, ids in enumerate(written):
-            seen[r, ids] = True
     if pad is not None and idx.size(1) + max_new_tokens > block:
         raise ValueError(f"batched generation needs prompt + new tokens within block_size {block}")
     done = torch.zeros(B, dtype=torch.bool, device=idx.device)
@@ -159,7 +161,7 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 logits, _ = model(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
         else:
             logits, _ = model(idx[:, -block:], last_logits_only=True, pad=pad)
-        next_id = choose_next(logits[:, -1, :], written, seen, rows, states, temperature, top_k, top_p,
+        next_id = choose_next(logits[:, -1, :], written, rows, states, temperature, top_k, top_p,
                               repetition_penalty, no_repeat_ngram, generator)
         if constraint is not None:
             states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
@@ -168,8 +170,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             done |= torch.isin(next_id, stops)
         for w, t in zip(written, next_id.tolist()):
             w.append(t)
-        if seen is not None:
-            seen[torch.arange(len(next_id), device=idx.device), next_id] = True
         idx = torch.cat((idx, next_id[:, None]), dim=1)
         if active.numel() < B:  # every row is reported; finished ones repeat stop_token
             yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(0, active, next_id)
@@ -183,7 +183,6 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             active, idx, pad, done = active[keep], idx[keep], pad[keep], done[keep]
             kept = keep.tolist()
             states, rows, written = ([x for x, k in zip(xs, kept) if k] for xs in (states, rows, written))
-            seen = seen[keep] if seen is not None else None
             if cache is not None:
                 cache.k, cache.v = [k[keep] for k in cache.k], [v[keep] for v in cache.v]
 

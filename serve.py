@@ -20,12 +20,16 @@ import hmac
 import json
 import logging
 import os
+import sys
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -50,7 +54,7 @@ class APIError(Exception):
         self.status, self.body = status, {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-class Request_(BaseModel):
+class BaseRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -78,11 +82,11 @@ class Message(BaseModel):
     content: str | list[TextPart] | None = None
 
 
-class ChatRequest(Request_):
+class ChatRequest(BaseRequest):
     messages: list[Message] = Field(min_length=1)
 
 
-class CompletionRequest(Request_):
+class CompletionRequest(BaseRequest):
     prompt: str | list[str] = Field(min_length=1)
 
 
@@ -213,9 +217,30 @@ async def next_event(events, request):
                 raise asyncio.CancelledError from None
 
 
+class Mailbox:
+    """Events from the decode loop's thread to the requests' queues on the event loop: one
+    wake-up of the loop carries every event posted meanwhile (a step's tokens for all rows),
+    not one wake-up per token."""
+
+    def __init__(self, loop):
+        self.loop, self.lock, self.pending = loop, threading.Lock(), []
+
+    def post(self, queue, event):
+        with self.lock:
+            self.pending.append((queue, event))
+            if len(self.pending) == 1:
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self):
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 async def complete(request, served, req):
-    loop, events = asyncio.get_running_loop(), asyncio.Queue()
-    job = make_job(served, req, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    events = asyncio.Queue()
+    job = make_job(served, req, partial(request.app.state.mailbox.post, events))
     try:
         served.engine.submit(job)
     except Busy as e:
@@ -244,8 +269,14 @@ async def stream(reply, job, events, include_usage):
     try:
         if reply.chat:
             yield sse(reply.chunk(first=True))
+        after = None
         while True:
-            event = await events.get()
+            event, after = after or await events.get(), None
+            while event[0] == "text" and not events.empty():  # the client fell behind: one chunk for all
+                after = events.get_nowait()
+                if after[0] != "text":
+                    break
+                event, after = ("text", event[1] + after[1]), None
             if event[0] == "text":
                 yield sse(reply.chunk(event[1]))
             elif event[0] == "error":
@@ -265,6 +296,7 @@ def make_app(models, api_key=None, max_body=1 << 20):
     """The FastAPI app serving models {id: Served}; their decode loops run while it does."""
     @asynccontextmanager
     async def lifespan(app):
+        app.state.mailbox = Mailbox(asyncio.get_running_loop())
         for served in models.values():
             served.engine.start()
         yield
@@ -346,10 +378,16 @@ def main():
     p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="the decoding constraint (sample.py --help)")
     p.add_argument("--max_batch", type=int, default=32, help="requests decoded together (the rest wait)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; more get 429")
+    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="torch threads of the decode loops on a CPU (default: all cores but one, which serves HTTP)")
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     args = p.parse_args()
     if min(args.max_batch, args.max_body_bytes) < 1 or args.max_queue < 0:
         raise UserError("--max_batch and --max_body_bytes must be >= 1, --max_queue >= 0")
+    torch.set_num_threads(args.threads)
+    # the decode loop and the HTTP event loop share the GIL: hand it over every 1 ms, not 5,
+    # so that a new request's first token is not kept waiting behind a decode step
+    sys.setswitchinterval(0.001)
     models = load_models(args.out_dir, pick_device(args.device), args.constrain, args.max_batch, args.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"serving {', '.join(models)} at http://{args.host}:{args.port}/v1"

@@ -14,13 +14,16 @@ def test_penalties_equal_hf_transformers_logits_processors():
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 40, generator=g) * 3  # positive and negative logits
     written = torch.randint(0, 3, (3, 15), generator=g)  # three distinct tokens: n-grams recur
-    seen = torch.zeros(3, 40, dtype=torch.bool).scatter_(1, written, True)
+    rows = [w[:k] for w, k in zip(written.tolist(), (15, 4, 0))]  # rows of different lengths, one empty
     for penalty in (1.0, 1.3, 0.7):
         want = RepetitionPenaltyLogitsProcessor(penalty)(written, logits.clone())
-        assert torch.allclose(penalize(logits, written.tolist(), seen, penalty), want)
+        assert torch.equal(penalize(logits, written.tolist(), penalty), want)
+        want = torch.cat([RepetitionPenaltyLogitsProcessor(penalty)(torch.tensor([w]), logits[[r]].clone()) if w
+                          else logits[[r]] for r, w in enumerate(rows)])
+        assert torch.equal(penalize(logits, rows, penalty), want)
     for n in (2, 3):
         want = NoRepeatNGramLogitsProcessor(n)(written, logits.clone())
-        got = penalize(logits, written.tolist(), seen, 1.0, n)
+        got = penalize(logits, written.tolist(), 1.0, n)
         assert torch.equal(got.isinf(), want.isinf()) and got.isinf().any() and torch.equal(got[~got.isinf()], want[~want.isinf()])
 
 
