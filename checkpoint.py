@@ -4,6 +4,11 @@ and read with torch.load(weights_only=True), which never runs code from the file
 
 out_dir/ckpt.pt  the latest full training state (model, optimizer, RNG states, ...): resume
 out_dir/best.pt  the weights with the best validation loss: sampling and evaluation
+out_dir/ckpt.dcp/ under parallel='fsdp', ckpt.pt's place: the sharded model and optimizer
+                 written by every process in parallel (torch.distributed.checkpoint), and
+                 meta.pt, the rest of ckpt.pt, written last: a folder without it is no
+                 checkpoint. It resumes on any number of processes. best.pt stays one file
+                 (gathered by process 0), so everything that reads a model reads it as before.
 
 Every checkpoint carries the model's vocabulary ("vocab": None for full GPT-2, the GPT-2
 ids of a trimmed vocabulary, or a trained BPE's ranks; "tokenizer_sha256" the hash of the
@@ -16,9 +21,11 @@ trained on. Loading it loads that base first (its weights, vocabulary and charac
 the hash, then adds the adapter: sample.py, evaluations.py, the Gradio page and export_hf.py
 take an adapter out_dir as they take a full one.
 """
+import shutil
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from adapters import add_adapter, file_sha256, load_adapter_state
 from data_utils import UserError, atomic_write
@@ -26,6 +33,7 @@ from model import GPT, GPTConfig
 from tokenizer import tokenizer_from_state
 
 REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
+SHARDED = "ckpt.dcp"
 ADAPTER_REQUIRED = ("model", "model_args", "iter_num", "adapter", "base")
 
 
@@ -140,3 +148,71 @@ def load_model(path, device="cpu", decode_mode="eager", base=None):
     # adapter's fields (its template, characters, kind) override its base's
     meta = {k: v for c in (base_ckpt, ckpt) for k, v in c.items() if k not in ("model", "optimizer")}
     return model, tok, meta
+
+
+def resume_checkpoint(out_dir, parallel):
+    """(the checkpoint init_from='resume' continues, its path): out_dir/ckpt.pt, or under
+    parallel='fsdp' the sharded folder's meta.pt (its shards are read into the sharded model:
+    load_sharded). A checkpoint of the other kind is refused in one line."""
+    out_dir = Path(out_dir)
+    single = out_dir / "ckpt.pt"
+    # (ckpt.dcp.old: a save that stopped between its two renames)
+    folder = next((f for f in (out_dir / SHARDED, out_dir / f"{SHARDED}.old") if (f / "meta.pt").is_file()), None)
+    if parallel == "fsdp":
+        if folder is None:
+            raise UserError(f"{single}: a single-file checkpoint (parallel='ddp'): resume it with parallel='ddp'"
+                            if single.is_file() else f"{out_dir / SHARDED}: no complete sharded checkpoint to resume")
+        return load_checkpoint(folder / "meta.pt"), folder
+    if folder is not None and not single.is_file():
+        raise UserError(f"{folder}: a sharded checkpoint (parallel='fsdp'): resume it with --parallel=fsdp, on any "
+                        f"number of processes")
+    return load_checkpoint(single), single
+
+
+def save_sharded(folder, model, optimizer, meta, run):
+    """Every process writes its shards of the model and optimizer into folder.tmp; process
+    0 then writes meta.pt and swaps the folder in. An interrupted save leaves the last
+    whole checkpoint where it was."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if run.master and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    optimizers = each_optimizer(optimizer)
+    # an optimizer without state yet (nothing trained) is not saved: get_state_dict would make
+    # its state with a zero step, which counts as Adam's first and changes the next update
+    trained = any(o.state for o in optimizers)
+    model_state, optimizer_state = get_state_dict(model, optimizers if trained else ())
+    dcp.save({"model": model_state, **({"optimizer": optimizer_state} if trained else {})}, checkpoint_id=tmp)
+    dist.barrier()
+    if run.master:
+        save_checkpoint(tmp / "meta.pt", dict(meta, model={}, optimizer_saved=trained))
+        if folder.exists():
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(folder, model, optimizer, optimizer_saved=True):
+    """Read a sharded checkpoint into a model sharded over any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    optimizers = each_optimizer(optimizer) if optimizer_saved else ()
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer_saved else {})}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+
+
+def each_optimizer(optimizer):
+    """The torch optimizers of train.py's optimizer (Muon + AdamW: optimizers.Optimizers)."""
+    return tuple(getattr(optimizer, "optimizers", [optimizer]))
+
+
+def gathered_weights(model):
+    """A sharded model's whole state dict on process 0 (the others get {}): for best.pt."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

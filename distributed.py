@@ -1,10 +1,13 @@
 """
-Processes and devices for train.py: one process, or DDP under torchrun (one process per
-GPU, or several CPU processes over gloo); the training dtype and autocast; the RNG states a
-checkpoint carries so that a resumed run repeats the uninterrupted one exactly; and the
-matmul probe that gives MFU its denominator.
+Processes and devices for train.py: one process, or several under torchrun (one per GPU, or
+CPU processes over gloo) with parallel = 'ddp' (every process holds the whole model, its
+gradients and optimizer state) or 'fsdp' (FSDP2's fully_shard: each holds 1/N of them,
+docs/training.md); the training dtype and autocast; the RNG states a checkpoint carries so
+that a resumed run repeats the uninterrupted one exactly; the matmul probe that gives MFU
+its denominator; what each process holds, in bytes.
 """
 import os
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -17,6 +20,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data_utils import UserError, pick_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+PARALLEL = ("ddp", "fsdp")
 
 
 def pick_dtype(c, device_type):
@@ -30,45 +34,117 @@ def pick_dtype(c, device_type):
 
 
 def setup(c):
-    """The process group (under torchrun), the device, the dtype: what every stage of
-    training needs to know about where it runs."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    """The process group (under torchrun; parallel='fsdp' alone makes a world of one), the
+    device, the dtype: what every stage of training needs to know about where it runs."""
+    if c["parallel"] not in PARALLEL:
+        raise UserError(f"parallel must be one of {', '.join(PARALLEL)}, got {c['parallel']!r}")
+    fsdp = c["parallel"] == "fsdp"
+    launched = int(os.environ.get("RANK", -1)) != -1
     device = pick_device(c["device"])
     rank, local_rank, world = 0, 0, 1
-    if ddp:
+    if launched:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
+    if launched or fsdp:
         backend = c["backend"] if c["backend"] != "auto" else ("nccl" if device.startswith("cuda") else "gloo")
-        dist.init_process_group(backend=backend)
+        dist.init_process_group(backend=backend, **({} if launched else dict(
+            init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)))
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
-    if c["gradient_accumulation_steps"] % world:
-        raise UserError(f"gradient_accumulation_steps={c['gradient_accumulation_steps']} must be divisible "
-                        f"by the number of processes ({world})")
+    accum, rows = c["gradient_accumulation_steps"], c["gradient_accumulation_steps"] * c["batch_size"]
+    if accum % world:
+        fit = world * -(-accum // world)  # the same rows per iteration, if they divide evenly
+        raise UserError(f"gradient_accumulation_steps={accum} must be divisible by the number of processes ({world}): "
+                        f"--gradient_accumulation_steps={fit}" + (f" --batch_size={rows // fit}" if rows % fit == 0 else ""))
+    if fsdp and c["eval_iters"] % world:  # every process must run as many forwards: each one is a collective
+        raise UserError(f"eval_iters={c['eval_iters']} must be divisible by the number of processes ({world}) "
+                        f"under parallel='fsdp'")
     dtype = pick_dtype(c, device_type)
-    amp = nullcontext() if dtype == "float32" else torch.autocast(device_type=device_type, dtype=DTYPES[dtype])
+    # FSDP on a GPU computes in the low dtype through its MixedPrecisionPolicy (wrap), not autocast
+    low = dtype != "float32" and not (fsdp and device_type == "cuda")
+    amp = torch.autocast(device_type=device_type, dtype=DTYPES[dtype]) if low else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(ddp=ddp, rank=rank, local_rank=local_rank, world=world, master=rank == 0, device=device,
+    return SimpleNamespace(dist=launched or fsdp, ddp=launched and not fsdp, fsdp=fsdp, rank=rank,
+                           local_rank=local_rank, world=world, master=rank == 0, device=device,
                            device_type=device_type, local_accum=c["gradient_accumulation_steps"] // world,
                            dtype=dtype, ptdtype=DTYPES[dtype], amp=amp,
                            use_compile=c["compile"] if c["compile"] != "auto" else device_type == "cuda")
 
 
-def wrap(model, run, compile_mode):
-    """The model the steps call: compiled (CUDA by default) and, under torchrun, DDP."""
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pick_loss_chunk_rows(value, device_type):
+    """'auto': the chunked loss on the CPU, where it measured x1.25-1.45 faster per 45M step;
+    on CUDA the plain loss: there the chunked one measured x0.95 on an H100 (gpu_check.sh)."""
+    rows = value if value != "auto" else (0 if device_type == "cuda" else 512)
+    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
+        raise UserError(f"loss_chunk_rows must be 'auto' or a whole number >= 0, got {rows!r}")
+    return rows
+
+
+def wrap(model, run, c):
+    """The model the steps call: compiled (CUDA by default) and, under torchrun, DDP. Under
+    FSDP the model itself is sharded in place (each block, then the rest: the embedding tied
+    to the output layer stays one parameter), with each block compiled on its own."""
+    if run.fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        policy = MixedPrecisionPolicy(param_dtype=run.ptdtype, reduce_dtype=torch.float32) \
+            if run.device_type == "cuda" and run.dtype != "float32" else MixedPrecisionPolicy()
+        for block in model.transformer.h:
+            if run.use_compile:
+                block.compile(mode=c["compile_mode"])
+            fully_shard(block, mp_policy=policy, reshard_after_forward=c["reshard_after_forward"])
+        return fully_shard(model, mp_policy=policy, reshard_after_forward=c["reshard_after_forward"])
     if run.use_compile:
-        model = torch.compile(model, mode=compile_mode)
+        model = torch.compile(model, mode=c["compile_mode"])
     if run.ddp:
         model = DDP(model, device_ids=[run.local_rank] if run.device_type == "cuda" else None)
     return model
 
 
+def micro_step(model, run, last, reshard_after_forward):
+    """Before each micro-step: gradients are reduced across processes on the last one only.
+    Under FSDP the ZeRO-2-like setting also keeps its weights gathered until then (ZeRO-3
+    reshards them after each backward, or it would hold the whole model)."""
+    if run.fsdp:
+        model.set_requires_gradient_sync(last)
+        model.set_reshard_after_backward(last or reshard_after_forward)
+        return nullcontext()
+    return model.no_sync() if run.ddp and not last else nullcontext()
+
+
+def held_bytes(model, optimizer):
+    """What this process holds of the weights, gradients and optimizer state, in bytes (a
+    sharded tensor counts its local shard only)."""
+    def local(t):
+        t = t.to_local() if hasattr(t, "to_local") else t
+        return t.numel() * t.element_size()
+    params = list(model.parameters())
+    state = [v for opt in getattr(optimizer, "optimizers", [optimizer])  # (Muon + AdamW: optimizers.Optimizers)
+             for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    return {"params": sum(map(local, params)), "grads": sum(local(p.grad) for p in params if p.grad is not None),
+            "optimizer": sum(map(local, state))}
+
+
 def all_mean(x, run):
-    if run.ddp:
+    if run.dist:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
         x /= run.world
     return x
+
+
+def from_rank0(value, run):
+    """Process 0's value in every process (a timing probe may decide differently in each)."""
+    if run.dist:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 def rng_states(data_gen):
@@ -81,7 +157,7 @@ def rng_states(data_gen):
 def all_rng_states(data_gen, run):
     """Every process's RNG states (its dropout masks differ), for the checkpoint."""
     states = rng_states(data_gen)
-    if not run.ddp:
+    if not run.dist:
         return [states]
     gathered = [None] * run.world
     dist.all_gather_object(gathered, states)
@@ -127,6 +203,19 @@ def peak_memory_mib(run):
     return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
-def finish(run):
-    if run.ddp:
+def memory_record(held, run, iter_num):
+    """(log record, line): every process's weight, gradient and optimizer bytes (held_bytes)
+    and peak memory."""
+    mine = dict(held or {}, peak_mib=peak_memory_mib(run))
+    every = [mine] * run.world
+    if run.dist:
+        dist.all_gather_object(every, mine)
+    mib = [f"{m.get('params', 0) / 2**20:.1f}/{m.get('grads', 0) / 2**20:.1f}/{m.get('optimizer', 0) / 2**20:.1f}"
+           f"/{m['peak_mib']:.0f}" for m in every]
+    return ({"kind": "memory", "iter": iter_num, "processes": every},
+            f"per process, MiB of weights/gradients/optimizer state/peak: {'; '.join(mib)}")
+
+
+def finish():
+    if dist.is_initialized():
         dist.destroy_process_group()

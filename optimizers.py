@@ -13,6 +13,7 @@ import math
 import time
 
 import torch
+from torch.distributed.tensor import distribute_tensor
 
 from data_utils import UserError
 
@@ -70,7 +71,11 @@ class Muon(torch.optim.Muon):
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - momentum)
                 update = p.grad.lerp(buf, momentum) if group["nesterov"] else buf
-                update = orthogonalize(update, self.ns_dtype, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                sharded = hasattr(update, "full_tensor")  # FSDP: Newton-Schulz needs the whole matrix
+                update = orthogonalize(update.full_tensor() if sharded else update, self.ns_dtype,
+                                       group["ns_coefficients"], group["ns_steps"], group["eps"])
+                if sharded:  # every process orthogonalized the same matrix: each keeps its own rows
+                    update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 rows, cols = p.shape[:2]  # torch's adjust_lr_fn: "original" (Keller Jordan's) or Moonshot's
                 scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" \
                     else math.sqrt(max(1, rows / cols))

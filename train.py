@@ -4,6 +4,7 @@ Pretraining and supervised fine-tuning (SFT) of the GPT in model.py.
   python train.py config/train_tiny_cpu.py                     # one process
   python train.py config/train_config.py --batch_size=32       # --key=value overrides (Python literals)
   torchrun --standalone --nproc_per_node=4 train.py config/train_config.py   # DDP
+  torchrun --standalone --nproc_per_node=8 train.py config/train_1b.py       # FSDP (parallel='fsdp')
   python train.py config/sft_lora_tiny_cpu.py                  # LoRA (finetune='lora'; or 'ptuning')
 
 The data folder decides the mode: sft_train.bin (from data/prepare_sft.py) means SFT,
@@ -20,21 +21,21 @@ tokenizer, data, adapter) â†’ Trainer.build_optimizer (and the resumed state) â†
 (the step loop, with evaluate_and_save every eval_interval).
 """
 import ast
-import json
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 
 import distributed
-from adapters import adapter_settings, add_adapter, adapter_state, file_sha256, trained_fraction
-from checkpoint import load_checkpoint, open_checkpoint, save_checkpoint
+from adapters import adapter_settings, add_adapter, file_sha256, trained_fraction
+from checkpoint import (SHARDED, checkpoint_tokenizer, gathered_weights, load_checkpoint, load_sharded, open_checkpoint,
+                        resume_checkpoint, save_checkpoint, save_sharded)
 from data_utils import SFTData, UserError, open_data, run_cli
 from model import GPT, GPTConfig
 from optimizers import configure_optimizers, get_lr, muon_matrices, pick_ns_dtype
 from tokenizer import data_vocabulary
+from tracking import RunLog, check_tracker
 
 DEFAULTS = dict(
     # I/O
@@ -69,6 +70,10 @@ DEFAULTS = dict(
     # full-logits loss; 'auto' = 512 on the CPU (measured faster), 0 on CUDA until measured there
     loss_chunk_rows="auto",
     backend="auto",  # DDP: nccl on CUDA, gloo on CPU
+    # 'ddp': each process holds the whole model; 'fsdp': FSDP2 shards weights, gradients and optimizer
+    # state (docs/training.md); reshard_after_forward True = ZeRO-3-like, False = ZeRO-2-like
+    parallel="ddp", reshard_after_forward=True,
+    log_to="none",  # 'none' | 'tensorboard' | 'wandb': a live tracker beside log.jsonl (tracking.py)
     seed=1337,
     peak_flops="auto",  # FLOP/s per device for MFU; 'auto' measures a matmul in the training dtype
     # fine-tuning method (adapters.py): 'full' trains every weight; 'lora' and 'ptuning' freeze
@@ -120,25 +125,9 @@ def load_config(argv, defaults=DEFAULTS):
     return config
 
 
-def truncate_log(log_path, iter_num):
-    """On resume, forget log lines past the checkpoint: they are about to be redone."""
-    if log_path.exists():
-        lines = [ln for ln in log_path.read_text().splitlines() if ln.strip()]
-        keep = [ln for ln in lines if json.loads(ln)["iter"] <= iter_num]
-        log_path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def pick_loss_chunk_rows(value, device_type):
-    """'auto': the chunked loss on the CPU, where it measured x1.25-1.45 faster per 45M step;
-    on CUDA the plain loss: there the chunked one measured x0.95 on an H100 (gpu_check.sh)."""
-    rows = value if value != "auto" else (0 if device_type == "cuda" else 512)
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
-        raise UserError(f"loss_chunk_rows must be 'auto' or a whole number >= 0, got {rows!r}")
-    return rows
-
-
 class Trainer:
     def __init__(self, c):
+        check_tracker(c["log_to"])
         self.c, self.run = c, distributed.setup(c)
         self.out_dir = Path(c["out_dir"])
         if self.run.master:
@@ -159,8 +148,9 @@ class Trainer:
                               dropout=c["dropout"], bias=c["bias"], rope=c["rope"], vocab_size=tok.vocab_size)
             model = GPT(GPTConfig(**model_args))
         else:
-            path = self.out_dir / "ckpt.pt" if c["init_from"] == "resume" else Path(c["init_from"])
-            ckpt = self.ckpt = load_checkpoint(path)
+            ckpt, path = resume_checkpoint(self.out_dir, c["parallel"]) if c["init_from"] == "resume" else (
+                load_checkpoint(c["init_from"]), Path(c["init_from"]))
+            self.ckpt, self.ckpt_path = ckpt, path
             resumed_adapter = ckpt.get("adapter")
             method = (resumed_adapter or {}).get("method", "full")
             if c["init_from"] != "resume" and resumed_adapter:
@@ -170,7 +160,11 @@ class Trainer:
                 raise UserError(f"{path}: a finetune={method!r} run; resume it with that method, not "
                                 f"finetune={c['finetune']!r}")
             model_args = dict(ckpt["model_args"], dropout=c["dropout"])
-            model, tok, base_ckpt = open_checkpoint(ckpt, path, model_args)
+            if path.name == SHARDED:  # the weights are read from the shards once the model is sharded
+                model, tok, base_ckpt = GPT(GPTConfig(**model_args)), checkpoint_tokenizer(ckpt), ckpt
+                model = add_adapter(model, resumed_adapter) if resumed_adapter else model
+            else:
+                model, tok, base_ckpt = open_checkpoint(ckpt, path, model_args)
             chars = (base_ckpt.get("chars") or "") + (ckpt.get("chars") or "")  # (the same one, for a full model)
             if c["init_from"] == "resume":
                 self.iter_num, self.best_val_loss, self.base = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("base")
@@ -179,7 +173,7 @@ class Trainer:
                 model = add_adapter(model, self.adapter)
                 self.base = {"path": str(path), "resolved": str(path.resolve()), "sha256": file_sha256(path)}
         model.to(run.device)
-        model.loss_chunk_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], run.device_type)
+        model.loss_chunk_rows = distributed.pick_loss_chunk_rows(c["loss_chunk_rows"], run.device_type)
         # the config saved with the checkpoints tells the model that was trained, also where
         # the shape and vocabulary came from a checkpoint rather than from these keys
         c.update({k: model_args[k] for k in ("n_layer", "n_head", "n_embd", "block_size", "bias")},
@@ -197,26 +191,31 @@ class Trainer:
     def build_optimizer(self):
         """The optimizer over what trains; on resume, its state and every RNG stream as saved."""
         c, run, model = self.c, self.run, self.raw_model
+        if run.fsdp:  # sharded in place first: the optimizer is made over the shards
+            model = self.raw_model = distributed.wrap(model, run, c)
         self.scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
         matrices = muon_matrices(model)
-        self.ns_dtype, self.ns_why = (pick_ns_dtype(c["muon_ns_dtype"], run.device, matrices)
-                                      if c["muon_lr"] > 0 and matrices else (None, ""))
+        self.ns_dtype, self.ns_why = distributed.from_rank0((pick_ns_dtype(c["muon_ns_dtype"], run.device, matrices)
+                                                             if c["muon_lr"] > 0 and matrices else (None, "")), run)
         self.optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                               run.device_type, c["muon_lr"], self.ns_dtype)
         self.data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
         if c["init_from"] == "resume":
             ckpt = self.ckpt
-            if ("optimizers" in ckpt["optimizer"]) != (self.ns_dtype is not None):  # Muon + AdamW, or AdamW alone
+            if run.fsdp:
+                load_sharded(self.ckpt_path, model, self.optimizer, ckpt.get("optimizer_saved", True))
+            elif ("optimizers" in ckpt["optimizer"]) != (self.ns_dtype is not None):  # Muon + AdamW, or AdamW alone
                 raise UserError(f"{self.out_dir / 'ckpt.pt'}: its optimizer does not fit muon_lr={c['muon_lr']}: "
                                 f"resume with the run's")
-            self.optimizer.load_state_dict(ckpt["optimizer"])
+            else:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
             if "scaler" in ckpt:
                 self.scaler.load_state_dict(ckpt["scaler"])
             distributed.restore_rng(ckpt["rng"], self.data_gen, run)
         else:
             torch.manual_seed(c["seed"] + run.rank)  # different dropout masks per process
         self.ckpt = None  # free the memory
-        self.model = distributed.wrap(model, run, c["compile_mode"])
+        self.model = model if run.fsdp else distributed.wrap(model, run, c)
 
     def startup_line(self):
         c, run, model = self.c, self.run, self.raw_model
@@ -231,8 +230,7 @@ class Trainer:
 
     def log(self, record, line):
         if self.run.master:
-            with open(self.out_dir / "log.jsonl", "a") as f:
-                f.write(json.dumps(dict(record, mode=self.kind)) + "\n")
+            self.runlog.write(record)
             print(line, flush=True)
 
     @torch.no_grad()
@@ -251,22 +249,28 @@ class Trainer:
                 with run.amp:
                     _, loss = self.raw_model(b["x"], b["y"], b.get("loss_mask"), b.get("segment_ids"))
                 total += torch.stack([loss.float(), torch.ones((), device=run.device)])
-            if run.ddp:
+            if run.dist:
                 torch.distributed.all_reduce(total)
             out[split] = (total[0] / total[1]).item()
         self.model.train()
         return out
 
-    def save(self, name, state):
-        """A checkpoint: the whole model, or for an adapter run its weights and its base."""
-        weights = adapter_state(self.raw_model) if self.adapter else self.raw_model.state_dict()
-        state = dict(state, model=weights, model_args=self.model_args, config=self.c, kind=self.kind,
+    def metadata(self, state):
+        """What a checkpoint carries beside the weights (an adapter run: its settings and base)."""
+        state = dict(state, model_args=self.model_args, config=self.c, kind=self.kind,
                      tokenizer_sha256=self.tok.sha256, chars=self.chars, template=self.template)
-        if self.adapter:  # the vocabulary is the base's: not written again
-            state.update(adapter=self.adapter, base=self.base)
-        else:
-            state.update(vocab=self.tok.state())
-        save_checkpoint(self.out_dir / name, state)
+        # an adapter's vocabulary is its base's (not written again, but for the shards' meta.pt)
+        return dict(state, adapter=self.adapter, base=self.base) if self.adapter else dict(state, vocab=self.tok.state())
+
+    def save(self, name, state):
+        """A checkpoint file (process 0 writes it; under FSDP every process gathers the
+        weights first): the whole model, or for an adapter run its weights alone."""
+        weights = gathered_weights(self.raw_model) if self.run.fsdp else self.raw_model.state_dict()
+        if self.adapter:
+            trained = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
+            weights = {n: w for n, w in weights.items() if n in trained}
+        if self.run.master:
+            save_checkpoint(self.out_dir / name, dict(self.metadata(state), model=weights))
 
     def evaluate_and_save(self):
         losses = self.estimate_loss()
@@ -276,13 +280,18 @@ class Trainer:
                   "val_bpc": bpc, "tokens": self.iter_num * self.tokens_per_iter, "time": time.time() - self.t_start},
                  f"eval {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
                  + (f" ({bpc:.3f} bits/char)" if bpc is not None else ""))
-        if self.run.master and not self.c["eval_only"]:
-            improved = losses["val"] < self.best_val_loss
-            self.best_val_loss = min(self.best_val_loss, losses["val"])
-            self.save("ckpt.pt", dict(optimizer=self.optimizer.state_dict(), scaler=self.scaler.state_dict(),
-                                      iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng))
-            if improved:
-                self.save("best.pt", dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss))
+        if self.c["eval_only"]:
+            return
+        improved = losses["val"] < self.best_val_loss  # (the same in every process: the losses are all-reduced)
+        self.best_val_loss = min(self.best_val_loss, losses["val"])
+        state = dict(scaler=self.scaler.state_dict(), iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng)
+        if self.run.fsdp:  # (meta.pt carries the vocabulary, also an adapter run's: resume reads no base)
+            save_sharded(self.out_dir / SHARDED, self.raw_model, self.optimizer,
+                         dict(self.metadata(state), vocab=self.tok.state()), self.run)
+        elif self.run.master:
+            self.save("ckpt.pt", dict(state, optimizer=self.optimizer.state_dict()))
+        if improved and (self.run.master or self.run.fsdp):
+            self.save("best.pt", dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss))
 
     def train_step(self, lr):
         """One iteration: local_accum micro-steps of this process's rows, then the update."""
@@ -295,7 +304,7 @@ class Trainer:
         batch = self.data.load("train", my_rows[0], run.device)
         for micro in range(run.local_accum):
             last = micro == run.local_accum - 1
-            with (model.no_sync() if run.ddp and not last else nullcontext()), run.amp:
+            with distributed.micro_step(model, run, last, c["reshard_after_forward"]), run.amp:
                 _, loss = model(batch["x"], batch["y"], batch.get("loss_mask"), batch.get("segment_ids"))
                 loss = loss / run.local_accum
             if self.kind == "sft":
@@ -309,6 +318,8 @@ class Trainer:
             torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])  # (frozen weights have no grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.held is None:  # what this process holds, measured once with the gradients there
+            self.held = distributed.held_bytes(model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
 
     def log_steps(self, lr, iters, dt):
@@ -342,15 +353,11 @@ class Trainer:
             if self.kind == "sft" and not run.use_compile else 0
         self.peak = c["peak_flops"] if c["peak_flops"] != "auto" else distributed.measure_peak_flops(run.device,
                                                                                                      run.ptdtype)
-        log_path = self.out_dir / "log.jsonl"
+        resumed_at = self.iter_num if c["init_from"] == "resume" else None
         if run.master:
             self.startup_line()
-            if c["init_from"] == "resume":
-                truncate_log(log_path, self.iter_num)
-            elif log_path.exists():
-                log_path.unlink()
-        self.t_start = time.time()
-        resumed_at = self.iter_num if c["init_from"] == "resume" else None
+            self.runlog = RunLog(self.out_dir, c, self.kind, resumed_at)
+        self.t_start, self.held = time.time(), None
         self.running_loss, self.trained_tokens = (torch.zeros((), device=run.device) for _ in range(2))
         t_log, iters_since_log = time.time(), 0
         while True:
@@ -368,17 +375,23 @@ class Trainer:
             if self.iter_num % c["log_interval"] == 0 or self.iter_num == c["max_iters"]:
                 self.log_steps(lr, iters_since_log, (time.time() - t_log) / iters_since_log)
                 t_log, iters_since_log = time.time(), 0
+        self.log_memory()
         if run.master:
             print(f"done in {time.time() - self.t_start:.1f}s; best val loss {self.best_val_loss:.4f}; "
                   f"checkpoints in {self.out_dir}; peak memory {distributed.peak_memory_mib(run):,.0f} MiB")
+            self.runlog.close()
+
+    def log_memory(self):
+        """Every process's weight, gradient and optimizer bytes and peak memory, in one record."""
+        self.log(*distributed.memory_record(self.held, self.run, self.iter_num))
 
 
 def main(argv=None):
-    trainer = Trainer(load_config(sys.argv[1:] if argv is None else argv))
+    c = load_config(sys.argv[1:] if argv is None else argv)
     try:
-        trainer.train()
-    finally:
-        distributed.finish(trainer.run)
+        Trainer(c).train()
+    finally:  # (also after an error in setting up: the process group goes)
+        distributed.finish()
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ from data_utils import pick_device, run_cli  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from optimizers import configure_optimizers, muon_matrices, pick_ns_dtype  # noqa: E402
 from tokenizer import data_vocabulary  # noqa: E402
-from distributed import measure_peak_flops, pick_dtype  # noqa: E402
-from train import load_config, pick_loss_chunk_rows  # noqa: E402
+from distributed import measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
+from train import load_config  # noqa: E402
 
 
 def where_time_goes(step, cuda=False):

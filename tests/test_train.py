@@ -5,6 +5,7 @@ import sys
 import pytest
 import torch
 
+import distributed
 import train
 from checkpoint import load_checkpoint
 from conftest import ROOT, TINY, assert_same_training, free_port, read_log, run_script, train_single_and_ddp
@@ -94,8 +95,8 @@ def test_bad_config_keys_are_clear_errors(tmp_path):
     with pytest.raises(UserError, match="batch_size should be int"):
         train.load_config(["--batch_size=big"])
     with pytest.raises(UserError, match="loss_chunk_rows must be 'auto' or a whole number >= 0, got -1"):
-        train.pick_loss_chunk_rows(train.load_config(["--loss_chunk_rows=-1"])["loss_chunk_rows"], "cpu")
-    assert [train.pick_loss_chunk_rows("auto", d) for d in ("cpu", "cuda")] == [512, 0]
+        distributed.pick_loss_chunk_rows(train.load_config(["--loss_chunk_rows=-1"])["loss_chunk_rows"], "cpu")
+    assert [distributed.pick_loss_chunk_rows("auto", d) for d in ("cpu", "cuda")] == [512, 0]
     cfg = tmp_path / "c.py"
     cfg.write_text("n_layer = 2\nlearnin_rate = 1e-3\n")
     with pytest.raises(UserError, match=f"{cfg}: unknown config key 'learnin_rate'"):
