@@ -50,8 +50,8 @@ def random_checkpoint(config, folder):
     return folder, model.num_params()
 
 
-def start_server(out_dir, port, max_batch, threads=None):
-    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", "--device=cpu",
+def start_server(out_dir, port, max_batch, threads=None, device="cpu"):
+    proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", f"--device={device}",
                              f"--max_batch={max_batch}", "--max_queue=256",
                              *([f"--threads={threads}"] if threads else [])], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -125,6 +125,7 @@ def main():
     p.add_argument("--sft_data", default="data/sft", help="where the held-out questions come from")
     p.add_argument("--clients", default="1,4,16,32", help="concurrent clients per run (1 = the one-by-one pass)")
     p.add_argument("--questions", type=int, default=64, help="distinct questions (the one-by-one pass answers each)")
+    p.add_argument("--device", default="cpu", help="serve.py --device")
     p.add_argument("--threads", type=int, help="serve.py --threads (default: serve.py's, all cores but one)")
     p.add_argument("--requests", type=int, default=16, help="requests each client sends, one after another")
     p.add_argument("--max_tokens", type=int, default=64)
@@ -145,7 +146,7 @@ def main():
         with socket.socket() as sock:  # a free port on 127.0.0.1
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = start_server(out_dir, port, max(counts), args.threads)
+        server = start_server(out_dir, port, max(counts), args.threads, args.device)
         try:
             rows = bench(f"http://127.0.0.1:{port}/v1", Path(out_dir).name, questions, counts, args)
         finally:
@@ -173,7 +174,8 @@ def report(rows, out_dir, n_params, args):
     base = rows[0]
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     print(f"\n{out_dir}" + (f" ({n_params / 1e6:.1f}M parameters, random weights)" if n_params else "")
-          + f"; cpu: {os.cpu_count()} cores, the server's decode loop on {threads} thread(s); greedy, "
+          + (f"; {args.device}" if args.device != "cpu" else "")
+          + f"; {os.cpu_count()} CPU cores, the server's decode loop on {threads} thread(s); greedy, "
           f"max_tokens {args.max_tokens}; {args.requests} requests per client")
     print("| clients | requests | tokens | tokens/s | x 1 client | TTFT p50 | TTFT p95 | p95 / unloaded | lost | differ |")
     print("|---|---|---|---|---|---|---|---|---|---|")

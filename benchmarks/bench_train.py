@@ -13,10 +13,22 @@ an optimizer step costing more than the model's step shows up here, not in a use
 
   python benchmarks/bench_train.py config/train_tiny_cpu.py --optimizer --iters=20
   ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/bench_train.py config/train_tiny_cpu.py --optimizer  # as an AVX2-only CPU
+
+--parallel runs train.py itself under torchrun for each world size in --worlds and each way
+of spreading the model (ddp; fsdp = ZeRO-3-like; fsdp-zero2 = reshard_after_forward False) and
+reports, per process, the bytes of weights, gradients and optimizer state it holds, its peak
+memory (RSS on the CPU, max_memory_allocated on CUDA) and the tokens/s of the whole run:
+
+  python benchmarks/bench_train.py config/train_config.py --parallel=ddp,fsdp,fsdp-zero2 --worlds=1,2,4 \
+      --batch_size=2 --block_size=256 --iters=4
 """
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from contextlib import nullcontext
@@ -207,6 +219,38 @@ def bench_optimizer(config_path, iters, device):
         print(f"  {name}: step {dt * 1000:.1f} ms = x{dt / base:.2f} of forward + backward")
 
 
+PARALLEL = {"ddp": ["--parallel=ddp"], "fsdp": ["--parallel=fsdp", "--reshard_after_forward=True"],
+            "fsdp-zero2": ["--parallel=fsdp", "--reshard_after_forward=False"]}
+
+
+def bench_parallel(config, modes, worlds, iters, overrides, device):
+    """train.py under torchrun, per world size and mode: what each process holds, and tokens/s."""
+    root = Path(__file__).resolve().parent.parent
+    cores = os.cpu_count() or 1
+    print(f"| {Path(config).name} | processes | weights / process | gradients | optimizer state | peak / process "
+          f"| tokens/s (all) |\n|---|---|---|---|---|---|---|")
+    for world in worlds:
+        for mode in modes:
+            with tempfile.TemporaryDirectory() as out:
+                env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // world)))
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                       "train.py", config, *PARALLEL[mode], *overrides, f"--out_dir={out}", f"--max_iters={iters}",
+                       f"--eval_interval={iters}", "--log_interval=1", "--gradient_accumulation_steps=4",
+                       "--eval_iters=4", f"--device={device}"]
+                proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    print(f"| {mode} | {world} | failed: {proc.stderr.strip().splitlines()[-1][:150]} |")
+                    continue
+                log = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
+            procs = next(r["processes"] for r in log if r["kind"] == "memory")
+            tok_s = statistics.median(r["tokens_per_s"] for r in log if r["kind"] == "train" and r["iter"] > 1)
+            mib = [lambda p, k=k: p.get(k, 0) / 2 ** 20 for k in ("params", "grads", "optimizer")]
+            cells = [" / ".join(f"{f(p):.1f}" for p in procs[:2]) + (" …" if len(procs) > 2 else "") + " MiB"
+                     for f in mib]
+            print(f"| {mode} | {world} | {' | '.join(cells)} | {max(p['peak_mib'] for p in procs):,.0f} MiB "
+                  f"| {tok_s:,.0f} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("configs", nargs="+")
@@ -220,7 +264,15 @@ def main():
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
     p.add_argument("--optimizer", action="store_true", help="time one optimizer step against one forward + backward")
     p.add_argument("--device", default="auto")
+    p.add_argument("--parallel", help="comma-separated: ddp, fsdp, fsdp-zero2: train.py under torchrun (see above)")
+    p.add_argument("--worlds", default="1,2,4", help="with --parallel: the numbers of processes")
     args = p.parse_args()
+    if args.parallel:
+        overrides = [f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size") if getattr(args, k)]
+        for cfg in args.configs:
+            bench_parallel(cfg, args.parallel.split(","), [int(w) for w in args.worlds.split(",")], args.iters,
+                           overrides, "cuda" if pick_device(args.device).startswith("cuda") else "cpu")
+        return
     device = pick_device(args.device)
     print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads")

@@ -15,6 +15,13 @@ python3 train.py config/train_config.py --max_iters=${ITERS:-300} --eval_interva
 echo "== the same under torchrun DDP (1 process, nccl)"
 torchrun --standalone --nproc_per_node=1 train.py config/train_config.py --max_iters=20 --eval_interval=20 \
   --out_dir="$OUT/ddp"
+echo "== the same sharded: FSDP2 (1 process, bf16 MixedPrecisionPolicy, compile per block), then resumed"
+torchrun --standalone --nproc_per_node=1 train.py config/train_config.py --max_iters=20 --eval_interval=10 \
+  --parallel=fsdp --out_dir="$OUT/fsdp"
+torchrun --standalone --nproc_per_node=1 train.py config/train_config.py --max_iters=30 --eval_interval=10 \
+  --parallel=fsdp --out_dir="$OUT/fsdp" --init_from=resume
+echo "== memory and tokens/s per process: DDP against FSDP (both settings)"
+python3 benchmarks/bench_train.py config/train_config.py --parallel=ddp,fsdp,fsdp-zero2 --worlds=1 --iters=10
 echo "== fp16 + GradScaler, no compile"
 python3 train.py config/train_config.py --max_iters=20 --eval_interval=20 --dtype=float16 --compile=False \
   --out_dir="$OUT/fp16"
@@ -26,6 +33,8 @@ python3 data/prepare_sft.py --vocab="$OUT/pretrain" --out_dir="$OUT/sft-data"
 python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --data_dir="$OUT/sft-data" --max_iters=200 \
   --out_dir="$OUT/sft"
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
+echo "== the OpenAI-compatible server under load: the SFT model above"
+python3 benchmarks/bench_serve.py --out_dir="$OUT/sft" --sft_data="$OUT/sft-data" --device=cuda
 echo "== generation: decode modes at batch 1 and 32 (the SFT model above)"
 python3 benchmarks/bench_generate.py --out_dir="$OUT/sft" --decode=eager,static,compiled --batch=32
 echo "== benchmarks"

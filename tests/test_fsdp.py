@@ -114,6 +114,9 @@ def test_lora_under_fsdp_matches_one_process(tmp_path, tiny_runs, tiny_sft_data)
 def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, pretrain_dir):
     args = [f"--data_dir={pretrain_dir}", "--eval_interval=2"]
     one(tmp_path / "run", *args, "--max_iters=2", "--parallel=fsdp")
+    one(tmp_path / "zero", *args, "--max_iters=0", "--parallel=fsdp")  # saved before any step: no optimizer state
+    one(tmp_path / "zero", *args, "--max_iters=2", "--init_from=resume", "--parallel=fsdp")
+    assert [s["loss"] for s in read_log(tmp_path / "zero", "train")] == [s["loss"] for s in read_log(tmp_path / "run", "train")]
     (tmp_path / "run" / f"{SHARDED}.tmp").mkdir()  # a save that died half-way
     (tmp_path / "run" / f"{SHARDED}.tmp" / "__0_0.distcp").write_bytes(b"half")
     one(tmp_path / "run", *args, "--max_iters=4", "--init_from=resume", "--parallel=fsdp")
