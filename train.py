@@ -202,11 +202,11 @@ class Trainer:
         self.data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
         if c["init_from"] == "resume":
             ckpt = self.ckpt
+            saved_muon = ckpt["config"].get("muon_lr", 0) > 0 if run.fsdp else "optimizers" in ckpt["optimizer"]
+            if saved_muon != (self.ns_dtype is not None):  # Muon + AdamW, or AdamW alone
+                raise UserError(f"{self.ckpt_path}: its optimizer does not fit muon_lr={c['muon_lr']}: resume with the run's")
             if run.fsdp:
                 load_sharded(self.ckpt_path, model, self.optimizer, ckpt.get("optimizer_saved", True))
-            elif ("optimizers" in ckpt["optimizer"]) != (self.ns_dtype is not None):  # Muon + AdamW, or AdamW alone
-                raise UserError(f"{self.out_dir / 'ckpt.pt'}: its optimizer does not fit muon_lr={c['muon_lr']}: "
-                                f"resume with the run's")
             else:
                 self.optimizer.load_state_dict(ckpt["optimizer"])
             if "scaler" in ckpt:

@@ -116,7 +116,8 @@ def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, 
     one(tmp_path / "run", *args, "--max_iters=2", "--parallel=fsdp")
     one(tmp_path / "zero", *args, "--max_iters=0", "--parallel=fsdp")  # saved before any step: no optimizer state
     one(tmp_path / "zero", *args, "--max_iters=2", "--init_from=resume", "--parallel=fsdp")
-    assert [s["loss"] for s in read_log(tmp_path / "zero", "train")] == [s["loss"] for s in read_log(tmp_path / "run", "train")]
+    assert [s["loss"] for s in read_log(tmp_path / "zero", "train")] == \
+        [s["loss"] for s in read_log(tmp_path / "run", "train")]
     (tmp_path / "run" / f"{SHARDED}.tmp").mkdir()  # a save that died half-way
     (tmp_path / "run" / f"{SHARDED}.tmp" / "__0_0.distcp").write_bytes(b"half")
     one(tmp_path / "run", *args, "--max_iters=4", "--init_from=resume", "--parallel=fsdp")
@@ -130,6 +131,8 @@ def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, 
     one(tmp_path / "ddp", *args, "--max_iters=2")
     with pytest.raises(UserError, match=r"ckpt.pt: a single-file checkpoint \(parallel='ddp'\): resume it with"):
         one(tmp_path / "ddp", *args, "--max_iters=4", "--init_from=resume", "--parallel=fsdp")
+    with pytest.raises(UserError, match=r"ckpt.dcp: its optimizer does not fit muon_lr=0.02"):
+        one(tmp_path / "zero", *args, "--max_iters=6", "--init_from=resume", "--parallel=fsdp", "--muon_lr=0.02")
     with pytest.raises(UserError, match="parallel must be one of ddp, fsdp, got 'zero3'"):
         one(tmp_path / "x", *args, "--parallel=zero3")
     with pytest.raises(UserError, match="log_to must be one of none, tensorboard, wandb, got 'mlflow'"):
