@@ -53,7 +53,10 @@ def setup(c):
             init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)))
     device_type = "cuda" if device.startswith("cuda") else device.split(":")[0]
     accum, rows = c["gradient_accumulation_steps"], c["gradient_accumulation_steps"] * c["batch_size"]
-    if accum % world:
+    local_accum, local_batch = accum // world, c["batch_size"]
+    if accum % world and world % accum == 0 and rows % world == 0:  # fewer micro-steps than processes:
+        local_accum, local_batch = 1, rows // world  # each process takes its share of one micro-step's rows
+    elif accum % world:
         fit = world * -(-accum // world)  # the same rows per iteration, if they divide evenly
         raise UserError(f"gradient_accumulation_steps={accum} must be divisible by the number of processes ({world}): "
                         f"--gradient_accumulation_steps={fit}" + (f" --batch_size={rows // fit}" if rows % fit == 0 else ""))
@@ -67,7 +70,7 @@ def setup(c):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     return SimpleNamespace(dist=launched or fsdp, ddp=launched and not fsdp, fsdp=fsdp, rank=rank,
                            local_rank=local_rank, world=world, master=rank == 0, device=device,
-                           device_type=device_type, local_accum=c["gradient_accumulation_steps"] // world,
+                           device_type=device_type, local_accum=local_accum, local_batch=local_batch,
                            dtype=dtype, ptdtype=DTYPES[dtype], amp=amp,
                            use_compile=c["compile"] if c["compile"] != "auto" else device_type == "cuda")
 

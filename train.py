@@ -300,7 +300,7 @@ class Trainer:
             group["lr"] = lr * group.get("lr_scale", 1.0)
         # the whole iteration's rows, drawn once: micro-step k of process r takes row block k*world + r
         rows = self.data.sample_rows("train", c["gradient_accumulation_steps"] * c["batch_size"], self.data_gen)
-        my_rows = rows.view(run.local_accum, run.world, c["batch_size"])[:, run.rank]
+        my_rows = rows.view(run.local_accum, run.world, run.local_batch)[:, run.rank]
         batch = self.data.load("train", my_rows[0], run.device)
         for micro in range(run.local_accum):
             last = micro == run.local_accum - 1

@@ -49,11 +49,14 @@ def assert_close_runs(single, sharded, iters, keys=None):
     assert all(torch.allclose(want[k], got[k], atol=1e-5) for k in keys or want)
 
 
-@pytest.mark.parametrize("reshard,data_dir", [(True, "pretrain"), (False, "sft-packed")], indirect=["data_dir"])
-def test_two_sharded_processes_match_one_process(tmp_path, reshard, data_dir):
+@pytest.mark.parametrize("reshard,data_dir,accum", [(True, "pretrain", 4), (False, "sft-packed", 4), (True, "pretrain", 1)],
+                         indirect=["data_dir"])
+def test_two_sharded_processes_match_one_process(tmp_path, reshard, data_dir, accum):
     """ZeRO-3-like on pretraining, ZeRO-2-like on packed SFT rows, each with 2 micro-steps
-    per process, clipping across shards and the chunked loss: one process's losses and weights."""
-    args = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6"]
+    per process, clipping across shards and the chunked loss: one process's losses and
+    weights. With one micro-step (accum 1) each process takes half of its rows."""
+    args = [f"--data_dir={data_dir}", "--max_iters=6", "--eval_interval=6", f"--gradient_accumulation_steps={accum}",
+            f"--batch_size={16 // accum}"]
     train.main([*COMMON, *args, f"--out_dir={tmp_path / 'single'}"])
     proc = torchrun(2, tmp_path / "fsdp", *args, f"--reshard_after_forward={reshard}")
     assert "device cpu x2" in proc.stdout and not (tmp_path / "fsdp" / "ckpt.pt").exists()
@@ -138,11 +141,11 @@ def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, 
     with pytest.raises(UserError, match="log_to must be one of none, tensorboard, wandb, got 'mlflow'"):
         one(tmp_path / "x", *args, "--log_to=mlflow")
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *TINY, f"--data_dir={pretrain_dir}", "--gradient_accumulation_steps=1",
+                           "train.py", *TINY, f"--data_dir={pretrain_dir}", "--gradient_accumulation_steps=3",
                            "--batch_size=8", f"--out_dir={tmp_path / 'x'}", "--parallel=fsdp"], cwd=ROOT,
                           env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=120)
-    assert "error: gradient_accumulation_steps=1 must be divisible by the number of processes (2): " \
-           "--gradient_accumulation_steps=2 --batch_size=4" in proc.stderr
+    assert "error: gradient_accumulation_steps=3 must be divisible by the number of processes (2): " \
+           "--gradient_accumulation_steps=4 --batch_size=6" in proc.stderr
 
 
 def test_tensorboard_and_wandb_get_the_log_records(tmp_path, pretrain_dir, monkeypatch):
@@ -188,3 +191,13 @@ def wandb_records(path):
             if record.HasField("run"):
                 out["config"] |= {i.key for i in record.run.config.update}
     return out
+
+
+def test_a_missing_tracker_package_is_one_line_naming_pip(monkeypatch):
+    import importlib.util
+
+    import tracking
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else real(name, *a))
+    with pytest.raises(UserError, match=r"^log_to='wandb' needs the wandb package: pip install wandb$"):
+        tracking.check_tracker("wandb")
