@@ -56,7 +56,7 @@ def training_summary(path):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     last = (train or evals or [{}])[-1]
-    return {"iterations": last.get("iter"), "tokens": last.get("tokens"), "seconds": max((r["time"] for r in records), default=None),
+    return {"iterations": last.get("iter"), "tokens": last.get("tokens"), "seconds": max((r["time"] for r in train + evals), default=None),
             "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])) if train else None,
             "first_val_loss": evals[0]["val_loss"] if evals else None, "last_val_loss": evals[-1]["val_loss"] if evals else None}
 

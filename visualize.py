@@ -35,7 +35,8 @@ def read_run(run):
             continue
         try:
             r = json.loads(line)
-            (train if r["kind"] == "train" else evals).append(r)
+            if r["kind"] in ("train", "eval"):  # (the last line, "memory", is not a curve)
+                (train if r["kind"] == "train" else evals).append(r)
         except (json.JSONDecodeError, KeyError, TypeError):
             raise UserError(f"{path}:{lineno}: not a train.py log line") from None
     if not train and not evals:
