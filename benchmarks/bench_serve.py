@@ -50,11 +50,24 @@ def random_checkpoint(config, folder):
     return folder, model.num_params()
 
 
-def start_server(out_dir, port, max_batch, threads=None, device="cpu"):
+def pin(server_pid):
+    """The load generator on the last core, the server on the others, as a load test runs its
+    clients on other machines: otherwise the clients' parsing takes the server's CPU and its
+    delays count in the server's time to first token. Linux only; else nothing is pinned."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_setaffinity") else []
+    if len(cores) < 2:
+        return "not pinned"
+    os.sched_setaffinity(server_pid, cores[:-1])  # (before the server starts its threads: they inherit it)
+    os.sched_setaffinity(0, cores[-1:])
+    return f"server on cores {cores[0]}-{cores[-2]}, clients on core {cores[-1]}"
+
+
+def start_server(out_dir, port, max_batch, threads=None, device="cpu", pinned=True):
     proc = subprocess.Popen([sys.executable, "serve.py", f"--out_dir={out_dir}", f"--port={port}", f"--device={device}",
                              f"--max_batch={max_batch}", "--max_queue=256",
                              *([f"--threads={threads}"] if threads else [])], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc.placement = pin(proc.pid) if pinned else "not pinned: clients and server share the cores"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         try:
@@ -126,6 +139,8 @@ def main():
     p.add_argument("--clients", default="1,4,16,32", help="concurrent clients per run (1 = the one-by-one pass)")
     p.add_argument("--questions", type=int, default=64, help="distinct questions (the one-by-one pass answers each)")
     p.add_argument("--device", default="cpu", help="serve.py --device")
+    p.add_argument("--no_pin", action="store_true", help="let clients and server share every core (default: the "
+                   "clients on the last core, the server on the rest)")
     p.add_argument("--threads", type=int, help="serve.py --threads (default: serve.py's, all cores but one)")
     p.add_argument("--requests", type=int, default=16, help="requests each client sends, one after another")
     p.add_argument("--max_tokens", type=int, default=64)
@@ -146,13 +161,13 @@ def main():
         with socket.socket() as sock:  # a free port on 127.0.0.1
             sock.bind(("127.0.0.1", 0))
             port = sock.getsockname()[1]
-        server = start_server(out_dir, port, max(counts), args.threads, args.device)
+        server = start_server(out_dir, port, max(counts), args.threads, args.device, not args.no_pin)
         try:
             rows = bench(f"http://127.0.0.1:{port}/v1", Path(out_dir).name, questions, counts, args)
         finally:
             server.terminate()
             server.wait(timeout=30)
-    report(rows, args.config or out_dir, n_params, args)
+    report(rows, args.config or out_dir, n_params, args, server.placement)
 
 
 def bench(url, model, questions, counts, args):
@@ -170,13 +185,13 @@ def bench(url, model, questions, counts, args):
     return rows
 
 
-def report(rows, out_dir, n_params, args):
+def report(rows, out_dir, n_params, args, placement):
     base = rows[0]
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
     print(f"\n{out_dir}" + (f" ({n_params / 1e6:.1f}M parameters, random weights)" if n_params else "")
           + (f"; {args.device}" if args.device != "cpu" else "")
           + f"; {os.cpu_count()} CPU cores, the server's decode loop on {threads} thread(s); greedy, "
-          f"max_tokens {args.max_tokens}; {args.requests} requests per client")
+          f"max_tokens {args.max_tokens}; {args.requests} requests per client; {placement}")
     print("| clients | requests | tokens | tokens/s | x 1 client | TTFT p50 | TTFT p95 | p95 / unloaded | lost | differ |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
