@@ -132,9 +132,11 @@ def add_adapter(model, settings):
     return model
 
 
-def adapter_state(model):
-    """The adapter's weights: every parameter that trains (the base is frozen)."""
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+def adapter_state(model, weights):
+    """The adapter's weights out of the whole model's state dict `weights`: every parameter
+    that trains (the base is frozen)."""
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {n: w for n, w in weights.items() if n in trained}
 
 
 def load_adapter_state(model, state, where):

@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from generation import DEFAULT_DECODING, choose_next, text_decoder, text_tail
+from generation import DEFAULT_DECODING, choose_next, left_padded, text_decoder, text_tail
 from model import KVCache
 
 
@@ -37,7 +37,7 @@ class Job:
         self.decoding = {k: decoding[k] for k in DEFAULT_DECODING}
         self.seed, self.constraint, self.stop_at_eot = seed, constraint, stop_at_eot
         self.cancelled = self.done = False
-        self.written, self.state, self.held, self.length, self.last = [], b"", "", 0, None
+        self.written, self.state, self.held, self.length, self.last, self.generated = [], b"", "", 0, None, 0
         self.decoder, self.generator = text_decoder(constraint), None
 
     def cancel(self):
@@ -98,7 +98,7 @@ class Engine:
             take = [self.waiting.popleft() for _ in range(min(len(self.waiting), self.max_batch - len(self.rows)))]
         fresh = [j for j in take if not j.cancelled]
         self.finished["cancelled"] += len(take) - len(fresh)
-        running = [j for j in self.rows]
+        running = list(self.rows)
         try:
             if fresh:
                 self._advance(fresh, self._prefill(fresh))
@@ -115,18 +115,17 @@ class Engine:
     def _prefill(self, jobs):
         """Fill the cache rows of new jobs from their prompts (one left-padded forward) and
         return their first tokens."""
-        width = max(len(j.ids) for j in jobs)
-        idx = torch.tensor([[self.tok.eot] * (width - len(j.ids)) + j.ids for j in jobs], device=self.device)
-        pad = torch.tensor([width - len(j.ids) for j in jobs], device=self.device)
+        idx, pad = left_padded([j.ids for j in jobs], self.tok.eot, self.device)
         # a cache just as long as the prompts (not block_size): it is copied into the rows, then dropped
-        cache = KVCache(replace(self.model.config, block_size=width), len(jobs), self.device, self.cache.k[0].dtype)
+        cache = KVCache(replace(self.model.config, block_size=idx.size(1)), len(jobs), self.device,
+                        self.cache.k[0].dtype)
         logits, _ = self.model(idx, kv_cache=cache, last_logits_only=True, pad=pad if len(jobs) > 1 else None)
         for r, j in enumerate(jobs):
             row, n, p = len(self.rows), len(j.ids), int(pad[r])
             for store, new in ((self.cache.k, cache.k), (self.cache.v, cache.v)):
                 for layer in range(len(store)):
                     store[layer][row, :, :n] = new[layer][r, :, p:p + n]
-            j.length, j.generated = n, 0
+            j.length = n
             if j.seed is not None:
                 j.generator = torch.Generator(device=self.device).manual_seed(j.seed)
             self.rows.append(j)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from adapters import add_adapter, file_sha256, load_adapter_state
 from data_utils import UserError, atomic_write
 from model import GPT, GPTConfig
+from optimizers import each_optimizer
 from tokenizer import tokenizer_from_state
 
 REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
@@ -205,11 +206,6 @@ def load_sharded(folder, model, optimizer, optimizer_saved=True):
     state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer_saved else {})}
     dcp.load(state, checkpoint_id=folder)
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
-
-
-def each_optimizer(optimizer):
-    """The torch optimizers of train.py's optimizer (Muon + AdamW: optimizers.Optimizers)."""
-    return tuple(getattr(optimizer, "optimizers", [optimizer]))
 
 
 def gathered_weights(model):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_utils import UserError, pick_device
+from optimizers import each_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARALLEL = ("ddp", "fsdp")
@@ -76,6 +77,7 @@ def setup(c):
 
 
 def free_port():
+    """A TCP port on 127.0.0.1 that nothing listens on now (a rendezvous, a server)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -128,8 +130,8 @@ def held_bytes(model, optimizer):
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
     params = list(model.parameters())
-    state = [v for opt in getattr(optimizer, "optimizers", [optimizer])  # (Muon + AdamW: optimizers.Optimizers)
-             for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    state = [v for opt in each_optimizer(optimizer) for s in opt.state.values() for v in s.values()
+             if torch.is_tensor(v) and v.dim() > 0]
     return {"params": sum(map(local, params)), "grads": sum(local(p.grad) for p in params if p.grad is not None),
             "optimizer": sum(map(local, state))}
 

@@ -287,10 +287,7 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, seed
     while waiting or active:
         take = batch_size - len(active)
         active, waiting = active + waiting[:take], waiting[take:]
-        contexts = [prompts[i] + written[i] for i in active]
-        width = max(map(len, contexts))
-        idx = torch.tensor([[tok.eot] * (width - len(c)) + c for c in contexts], device=device)
-        pad = torch.tensor([width - len(c) for c in contexts], device=device)
+        idx, pad = left_padded([prompts[i] + written[i] for i in active], tok.eot, device)
         budget = min(max_new_tokens - len(written[i]) for i in active)  # the round ends when the first row is out of tokens
         states = [partial_character(tok, written[i]) for i in active]
         finished = 0
@@ -315,6 +312,14 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, seed
         decoder = text_decoder(constraint)
         out.append(decoder.decode(tok.decode_bytes(ids)) + text_tail(decoder, constraint))
     return out
+
+
+def left_padded(contexts, pad_id, device):
+    """A batch of token lists of different lengths, left-padded with pad_id: (ids (B, T),
+    pad (B,): each row's padding), as GPT.forward(pad=...) takes them."""
+    width = max(map(len, contexts))
+    return (torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device),
+            torch.tensor([width - len(c) for c in contexts], device=device))
 
 
 def partial_character(tok, ids):

@@ -13,7 +13,6 @@ import math
 import time
 
 import torch
-from torch.distributed.tensor import distribute_tensor
 
 from data_utils import UserError
 
@@ -75,6 +74,7 @@ class Muon(torch.optim.Muon):
                 update = orthogonalize(update.full_tensor() if sharded else update, self.ns_dtype,
                                        group["ns_coefficients"], group["ns_steps"], group["eps"])
                 if sharded:  # every process orthogonalized the same matrix: each keeps its own rows
+                    from torch.distributed.tensor import distribute_tensor  # (0.6 s to import: FSDP only)
                     update = distribute_tensor(update, p.device_mesh, p.placements, src_data_rank=None)
                 rows, cols = p.shape[:2]  # torch's adjust_lr_fn: "original" (Keller Jordan's) or Moonshot's
                 scale = 0.2 * math.sqrt(max(rows, cols)) if group["adjust_lr_fn"] == "match_rms_adamw" \
@@ -117,6 +117,11 @@ def pick_ns_dtype(setting, device, matrices):
     fp32, bf16 = (time_newton_schulz(shape, dtype, device) for dtype in (torch.float32, torch.bfloat16))
     dtype = torch.bfloat16 if bf16 * 1.5 < fp32 else torch.float32
     return dtype, f"bf16 measured x{bf16 / fp32:.2f} the time of fp32 on this CPU"
+
+
+def each_optimizer(optimizer):
+    """The torch optimizers of configure_optimizers' result (one, or Muon and AdamW)."""
+    return tuple(getattr(optimizer, "optimizers", [optimizer]))
 
 
 class Optimizers:

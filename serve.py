@@ -101,13 +101,14 @@ class Served:
 
 async def read_json(request, max_bytes):
     """The request's JSON body: at most max_bytes, UTF-8, valid JSON, valid Unicode."""
+    too_big = APIError(413, f"request body over the server's limit of {max_bytes} bytes", code="body_too_large")
     if int(request.headers.get("content-length") or 0) > max_bytes:
-        raise APIError(413, f"request body over the server's limit of {max_bytes} bytes", code="body_too_large")
+        raise too_big
     body = b""
-    async for chunk in request.stream():
+    async for chunk in request.stream():  # (a chunked body has no content-length)
         body += chunk
         if len(body) > max_bytes:
-            raise APIError(413, f"request body over the server's limit of {max_bytes} bytes", code="body_too_large")
+            raise too_big
     try:
         value = json.loads(body.decode("utf-8"))
     except UnicodeDecodeError as e:

@@ -12,16 +12,15 @@ import os
 
 from data_utils import UserError
 
-TRACKERS = ("none", "tensorboard", "wandb")
-PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+TRACKERS = ("none", "tensorboard", "wandb")  # (each tracker's package has its name)
 
 
 def check_tracker(name):
     """A one-line error for an unknown tracker or one whose package is not installed."""
     if name not in TRACKERS:
         raise UserError(f"log_to must be one of {', '.join(TRACKERS)}, got {name!r}")
-    if name != "none" and importlib.util.find_spec(PACKAGES[name]) is None:
-        raise UserError(f"log_to={name!r} needs the {PACKAGES[name]} package: pip install {PACKAGES[name]}")
+    if name != "none" and importlib.util.find_spec(name) is None:
+        raise UserError(f"log_to={name!r} needs the {name} package: pip install {name}")
 
 
 class RunLog:
@@ -48,10 +47,10 @@ class RunLog:
         record = dict(record, mode=self.kind)
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        numbers = {f"{record['kind']}/{k}": v for k, v in record.items()
-                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter"}
         if self.tracker is None:
             return
+        numbers = {f"{record['kind']}/{k}": v for k, v in record.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "iter"}
         if hasattr(self.tracker, "add_scalar"):  # tensorboard
             for key, value in numbers.items():
                 self.tracker.add_scalar(key, value, record["iter"])

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import distributed
-from adapters import adapter_settings, add_adapter, file_sha256, trained_fraction
+from adapters import adapter_settings, adapter_state, add_adapter, file_sha256, trained_fraction
 from checkpoint import (SHARDED, checkpoint_tokenizer, gathered_weights, load_checkpoint, load_sharded, open_checkpoint,
                         resume_checkpoint, save_checkpoint, save_sharded)
 from data_utils import SFTData, UserError, open_data, run_cli
@@ -267,8 +267,7 @@ class Trainer:
         weights first): the whole model, or for an adapter run its weights alone."""
         weights = gathered_weights(self.raw_model) if self.run.fsdp else self.raw_model.state_dict()
         if self.adapter:
-            trained = {n for n, p in self.raw_model.named_parameters() if p.requires_grad}
-            weights = {n: w for n, w in weights.items() if n in trained}
+            weights = adapter_state(self.raw_model, weights)
         if self.run.master:
             save_checkpoint(self.out_dir / name, dict(self.metadata(state), model=weights))
 

@@ -16,7 +16,6 @@ one, requests lost (errors, timeouts: must be 0), answers that differ from the o
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from checkpoint import save_checkpoint  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
+from distributed import free_port  # noqa: E402
 from evaluations import held_out_questions  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
 from tokenizer import GPT2  # noqa: E402
@@ -95,7 +95,7 @@ async def one_request(client, model, question, max_tokens):
     return "".join(text), tokens, first if first is not None else time.perf_counter() - t0, time.perf_counter() - t0
 
 
-async def run_clients(url, model, jobs, time_limit, ramp=0.0):
+async def run_clients(url, model, jobs, time_limit, max_tokens, ramp=0.0):
     """jobs: per client, its questions in order; the clients start one after another over ramp
     seconds, as users arrive. Returns (results [(question, outcome)], seconds)."""
     client = openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=time_limit,
@@ -106,7 +106,7 @@ async def run_clients(url, model, jobs, time_limit, ramp=0.0):
         await asyncio.sleep(ramp * c / len(jobs))
         for q in questions:
             try:
-                results.append((q, await one_request(client, model, q, run_clients.max_tokens)))
+                results.append((q, await one_request(client, model, q, max_tokens)))
             except Exception as e:  # counted as lost
                 results.append((q, e))
 
@@ -150,7 +150,6 @@ def main():
     if not questions:
         raise UserError(f"no held-out questions in {args.sft_data}/sft_val.jsonl (prepare the SFT data first)")
     counts = [int(n) for n in args.clients.split(",")]
-    run_clients.max_tokens = args.max_tokens
     with tempfile.TemporaryDirectory() as tmp:
         if args.config:
             out_dir, n_params = random_checkpoint(args.config, Path(tmp) / Path(args.config).stem)
@@ -158,9 +157,7 @@ def main():
             out_dir, n_params = args.out_dir, None
         else:
             raise UserError("give --out_dir or --config")
-        with socket.socket() as sock:  # a free port on 127.0.0.1
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         server = start_server(out_dir, port, max(counts), args.threads, args.device, not args.no_pin)
         try:
             rows = bench(f"http://127.0.0.1:{port}/v1", Path(out_dir).name, questions, counts, args)
@@ -171,8 +168,8 @@ def main():
 
 
 def bench(url, model, questions, counts, args):
-    asyncio.run(run_clients(url, model, [questions[i::8] for i in range(8)], args.time_limit))  # warm-up
-    one, elapsed = asyncio.run(run_clients(url, model, [questions], args.time_limit))
+    asyncio.run(run_clients(url, model, [questions[i::8] for i in range(8)], args.time_limit, args.max_tokens))  # warm-up
+    one, elapsed = asyncio.run(run_clients(url, model, [questions], args.time_limit, args.max_tokens))
     reference = {q: r[0] for q, r in one if not isinstance(r, Exception)}
     rows = [summarize(1, one, elapsed, len(questions), reference)]
     for n in [c for c in counts if c > 1]:
@@ -180,7 +177,7 @@ def bench(url, model, questions, counts, args):
         # finish in the same step, and their clients would all come back at once
         jobs = [[questions[(c + r * n) % len(questions)] for r in range(args.requests)] for c in range(n)]
         ramp = statistics.mean(r[3] for _, r in one if not isinstance(r, Exception))  # one request's time
-        results, elapsed = asyncio.run(run_clients(url, model, jobs, args.time_limit, ramp))
+        results, elapsed = asyncio.run(run_clients(url, model, jobs, args.time_limit, args.max_tokens, ramp))
         rows.append(summarize(n, results, elapsed, n * args.requests, reference))
     return rows
 

@@ -244,9 +244,8 @@ def bench_parallel(config, modes, worlds, iters, overrides, device):
                 log = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
             procs = next(r["processes"] for r in log if r["kind"] == "memory")
             tok_s = statistics.median(r["tokens_per_s"] for r in log if r["kind"] == "train" and r["iter"] > 1)
-            mib = [lambda p, k=k: p.get(k, 0) / 2 ** 20 for k in ("params", "grads", "optimizer")]
-            cells = [" / ".join(f"{f(p):.1f}" for p in procs[:2]) + (" …" if len(procs) > 2 else "") + " MiB"
-                     for f in mib]
+            cells = [" / ".join(f"{p.get(k, 0) / 2 ** 20:.1f}" for p in procs[:2]) + (" …" if len(procs) > 2 else "")
+                     + " MiB" for k in ("params", "grads", "optimizer")]
             print(f"| {mode} | {world} | {' | '.join(cells)} | {max(p['peak_mib'] for p in procs):,.0f} MiB "
                   f"| {tok_s:,.0f} |", flush=True)
 

@@ -2,7 +2,6 @@
 session into a temp folder, and the flags of a tiny model that trains in seconds on CPU."""
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from distributed import free_port  # noqa: E402,F401  (a port for a test's server or torchrun rendezvous)
 FORTUNES = Path("/usr/share/games/fortunes/tang300")
 SHARED_POETRY = ROOT.parent / "shared" / "data" / "chinese-poetry"
 
@@ -44,13 +44,6 @@ def make_sft_data(docs, out, *extra, **kw):
     them (fast), in rows of 65 tokens."""
     return run_script("data/prepare_sft.py", "--poems", docs, "--max_poems", "400", "--out_dir", out,
                       "--block_size", "65", *extra, **kw)
-
-
-def free_port():
-    """A TCP port on 127.0.0.1 that nothing listens on now (a server or a torchrun rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train_single_and_ddp(args, tmp_path):
