@@ -191,6 +191,7 @@ def save_sharded(folder, model, optimizer, meta, run):
     if run.master:
         save_checkpoint(tmp / "meta.pt", dict(meta, model={}, optimizer_saved=trained))
         if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)  # (a save that stopped before deleting it left it here)
             folder.rename(old)
         tmp.rename(folder)
         shutil.rmtree(old, ignore_errors=True)

@@ -123,6 +123,8 @@ def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, 
         [s["loss"] for s in read_log(tmp_path / "run", "train")]
     (tmp_path / "run" / f"{SHARDED}.tmp").mkdir()  # a save that died half-way
     (tmp_path / "run" / f"{SHARDED}.tmp" / "__0_0.distcp").write_bytes(b"half")
+    (tmp_path / "run" / f"{SHARDED}.old").mkdir()  # and one that stopped before deleting the previous folder
+    (tmp_path / "run" / f"{SHARDED}.old" / "__0_0.distcp").write_bytes(b"old")
     one(tmp_path / "run", *args, "--max_iters=4", "--init_from=resume", "--parallel=fsdp")
     assert [s["iter"] for s in read_log(tmp_path / "run", "train")] == [1, 2, 3, 4]
     with pytest.raises(UserError, match=r"ckpt.dcp: a sharded checkpoint \(parallel='fsdp'\): resume it with "
