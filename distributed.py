@@ -143,15 +143,6 @@ def all_mean(x, run):
     return x
 
 
-def from_rank0(value, run):
-    """Process 0's value in every process (a timing probe may decide differently in each)."""
-    if run.dist:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
 def rng_states(data_gen):
     states = {"torch": torch.get_rng_state(), "data": data_gen.get_state()}
     if torch.cuda.is_available():

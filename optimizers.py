@@ -7,10 +7,9 @@ matrix per step. torch.optim.Muon runs them in bfloat16, which is right on a GPU
 CPUs with native bf16 (AVX-512 BF16, AMX), but on an AVX2-only CPU (most laptops, many
 cloud cores) every bf16 matmul is emulated, ~50x slower than fp32: the demo's optimizer
 step then cost 3-8x its forward and backward (benchmarks/README.md). So Muon here runs the
-iteration in the dtype the device does fast, chosen once at start-up (pick_ns_dtype).
+iteration in float32 on the CPU (pick_ns_dtype: a rule, recorded in the checkpoint).
 """
 import math
-import time
 
 import torch
 
@@ -49,8 +48,8 @@ def orthogonalize(g, dtype, coefficients, steps, eps):
 
 class Muon(torch.optim.Muon):
     """torch.optim.Muon (its hyperparameters, state and checkpoints) with the Newton-Schulz
-    iteration in ns_dtype. ns_dtype is an attribute, not a group setting, so a checkpoint
-    does not carry it: a run resumed on another machine uses that machine's choice."""
+    iteration in ns_dtype. ns_dtype is an attribute, not a group setting: train.py records it
+    in its checkpoints itself, and a resumed run keeps it (pick_ns_dtype)."""
 
     def __init__(self, params, ns_dtype=torch.bfloat16, **kwargs):
         super().__init__(params, **kwargs)
@@ -83,40 +82,27 @@ class Muon(torch.optim.Muon):
                 p.add_(update, alpha=-lr * scale)
 
 
-def time_newton_schulz(shape, dtype, device, reps=3):
-    """Seconds of one Newton-Schulz orthogonalisation of a `shape` matrix in dtype, the best
-    of `reps` (after one warm-up). Its random matrix comes from a private generator: a
-    start-up probe must not move the training RNG streams (resume stays exact)."""
-    g = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    best = float("inf")
-    for i in range(reps + 1):
-        sync()
-        t0 = time.perf_counter()
-        orthogonalize(g, dtype, **NEWTON_SCHULZ)
-        sync()
-        if i:
-            best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def pick_ns_dtype(setting, device, matrices):
-    """(dtype, why) for Muon's Newton-Schulz iteration over `matrices` (muon_matrices). 'auto':
-    bfloat16 on CUDA; on the CPU the faster of fp32 and bf16 for the largest, measured here, with
-    bf16 only where it is clearly faster (x1.5: a close call would flip between runs, and
-    fp32 is the more exact); fp32 elsewhere (MPS)."""
+def pick_ns_dtype(setting, device, recorded=None):
+    """(dtype, why) for Muon's Newton-Schulz iteration. A resumed run keeps the dtype its
+    checkpoint `recorded`, whatever the setting or the machine says now. 'auto': bfloat16 on
+    CUDA, float32 everywhere else. A rule, not a stopwatch: the timing probe this replaced
+    measured bf16 at x0.60, x0.60 and x0.82 of fp32 on one Zen 4 CPU, on both sides of its
+    threshold, so identical commands trained differently and a resume switched mid-run. On a
+    CPU bf16 saves little where it is native (x0.85 at the demo's shape with AMX) and costs
+    ~x40 where it is emulated (AVX2): fp32 is the more exact and the same every time."""
+    if recorded is not None:
+        return getattr(torch, recorded), "recorded in the checkpoint: a resumed run keeps its precision"
     if setting in ("float32", "bfloat16"):
         return getattr(torch, setting), "set by muon_ns_dtype"
     if setting != "auto":
         raise UserError(f"muon_ns_dtype must be 'auto', 'float32' or 'bfloat16', got {setting!r}")
+    return auto_ns_dtype(device)
+
+
+def auto_ns_dtype(device):
     if device.startswith("cuda"):
-        return torch.bfloat16, "CUDA"
-    if not device.startswith("cpu"):
-        return torch.float32, device
-    shape = max((p.shape for p in matrices), key=lambda s: s.numel())
-    fp32, bf16 = (time_newton_schulz(shape, dtype, device) for dtype in (torch.float32, torch.bfloat16))
-    dtype = torch.bfloat16 if bf16 * 1.5 < fp32 else torch.float32
-    return dtype, f"bf16 measured x{bf16 / fp32:.2f} the time of fp32 on this CPU"
+        return torch.bfloat16, "auto: CUDA"
+    return torch.float32, f"auto: float32 on {device.split(':')[0]}, exact and the same on every run"
 
 
 def each_optimizer(optimizer):

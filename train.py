@@ -57,8 +57,8 @@ DEFAULTS = dict(
     batch_size=16, gradient_accumulation_steps=4,
     # AdamW and the cosine schedule; muon_lr > 0: Muon at that lr for the blocks' matrices
     learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, muon_lr=0.0,
-    # Muon's Newton-Schulz dtype: 'auto' = bfloat16 on CUDA, on the CPU what a start-up probe
-    # measures faster (fp32 where the CPU has no native bf16), 'float32' or 'bfloat16'
+    # Muon's Newton-Schulz dtype: 'auto' = bfloat16 on CUDA, float32 elsewhere (optimizers.py),
+    # 'float32' or 'bfloat16'; a resumed run keeps the one its checkpoint recorded
     muon_ns_dtype="auto",
     decay_lr=True, warmup_iters=200, lr_decay_iters=None, min_lr=6e-5,  # lr_decay_iters None = max_iters
     # system
@@ -195,8 +195,9 @@ class Trainer:
             model = self.raw_model = distributed.wrap(model, run, c)
         self.scaler = torch.amp.GradScaler(run.device_type, enabled=run.dtype == "float16")
         matrices = muon_matrices(model)
-        self.ns_dtype, self.ns_why = distributed.from_rank0((pick_ns_dtype(c["muon_ns_dtype"], run.device, matrices)
-                                                             if c["muon_lr"] > 0 and matrices else (None, "")), run)
+        recorded = self.ckpt.get("muon_ns_dtype") if c["init_from"] == "resume" else None
+        self.ns_dtype, self.ns_why = pick_ns_dtype(c["muon_ns_dtype"], run.device, recorded) \
+            if c["muon_lr"] > 0 and matrices else (None, "")
         self.optimizer = configure_optimizers(model, c["weight_decay"], c["learning_rate"], (c["beta1"], c["beta2"]),
                                               run.device_type, c["muon_lr"], self.ns_dtype)
         self.data_gen = torch.Generator().manual_seed(c["seed"])  # same draws in every process
@@ -225,7 +226,7 @@ class Trainer:
         print(f"{self.kind} | {model.num_params() / 1e6:.2f}M parameters | vocabulary {self.tok.name} "
               f"({self.tok.vocab_size:,} slots) | device {run.device} x{run.world} | {run.dtype} | "
               f"compile {run.use_compile} | {self.tokens_per_iter:,} tokens/iter | data {c['data_dir']}{method}")
-        if self.ns_dtype is not None:  # the optimizer's own matmuls: fp32 where bf16 would be emulated
+        if self.ns_dtype is not None:  # the optimizer's own matmuls: a rule, kept on resume
             print(f"Muon Newton-Schulz in {str(self.ns_dtype)[6:]} ({self.ns_why})")
 
     def log(self, record, line):
@@ -283,7 +284,8 @@ class Trainer:
             return
         improved = losses["val"] < self.best_val_loss  # (the same in every process: the losses are all-reduced)
         self.best_val_loss = min(self.best_val_loss, losses["val"])
-        state = dict(scaler=self.scaler.state_dict(), iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng)
+        state = dict(scaler=self.scaler.state_dict(), iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng,
+                     muon_ns_dtype=str(self.ns_dtype)[6:] if self.ns_dtype is not None else None)
         if self.run.fsdp:  # (meta.pt carries the vocabulary, also an adapter run's: resume reads no base)
             save_sharded(self.out_dir / SHARDED, self.raw_model, self.optimizer,
                          dict(self.metadata(state), vocab=self.tok.state()), self.run)

@@ -186,7 +186,7 @@ def bench_optimizer(config_path, iters, device):
                           vocab_size=vocab, rope=c["rope"])).to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     muon_lr = c["muon_lr"] or 0.01
-    auto, why = pick_ns_dtype("auto", device, muon_matrices(model))
+    auto, why = pick_ns_dtype("auto", device)
     optimizers = {"AdamW": configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type)}
     for dtype in (torch.float32, torch.bfloat16):
         optimizers[f"Muon + AdamW, Newton-Schulz in {str(dtype)[6:]}"] = configure_optimizers(

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -69,7 +70,7 @@ def test_two_node_torchrun_matches_single_process(tmp_path, pretrain_dir):
     assert_same_training(tmp_path / "single", tmp_path / "multi", iters=4)
 
 
-def test_muon_trains_and_resumes_exactly(tmp_path, pretrain_dir):
+def test_muon_trains_and_resumes_exactly(tmp_path, pretrain_dir, capsys):
     """muon_lr > 0: Muon steps the blocks' matrices, AdamW the rest; the loss falls, a resumed
     run repeats the uninterrupted one, and resuming with the other optimizer is a one-line
     error. (Under DDP Muon orthogonalises the all-reduced gradient like any optimizer; its
@@ -82,9 +83,15 @@ def test_muon_trains_and_resumes_exactly(tmp_path, pretrain_dir):
     muon, adamw = load_checkpoint(tmp_path / "full" / "ckpt.pt")["optimizer"]["optimizers"]
     assert len(muon["state"]) == 4 * 2 and all("momentum_buffer" in v for v in muon["state"].values())  # 4 matrices x 2 layers
     assert len(adamw["state"]) == 2 + 2 * 2 + 1  # wte (tied), wpe; 2 LayerNorms per layer; ln_f
+    run_train(tmp_path / "again", pretrain_dir, "--max_iters=12", *common)  # the same command: the same run
+    assert [s["loss"] for s in read_log(tmp_path / "again", "train")] == losses
     run_train(tmp_path / "split", pretrain_dir, "--max_iters=6", *common)
-    run_train(tmp_path / "split", pretrain_dir, "--max_iters=12", "--init_from='resume'", *common)
+    assert load_checkpoint(tmp_path / "split" / "ckpt.pt")["muon_ns_dtype"] == "float32"
+    # resumed where the rule would now say bf16 (another machine, another torch): the run keeps its own
+    with mock.patch("optimizers.auto_ns_dtype", return_value=(torch.bfloat16, "forced")):
+        run_train(tmp_path / "split", pretrain_dir, "--max_iters=12", "--init_from='resume'", *common)
     assert [s["loss"] for s in read_log(tmp_path / "split", "train")] == losses
+    assert "Muon Newton-Schulz in float32 (recorded in the checkpoint" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"ckpt.pt: its optimizer does not fit muon_lr=0.0"):
         run_train(tmp_path / "split", pretrain_dir, "--max_iters=14", "--init_from='resume'", *common[1:])
 
