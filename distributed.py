@@ -4,13 +4,18 @@ CPU processes over gloo) with parallel = 'ddp' (every process holds the whole mo
 gradients and optimizer state) or 'fsdp' (FSDP2's fully_shard: each holds 1/N of them,
 docs/training.md); the training dtype and autocast; the RNG states a checkpoint carries so
 that a resumed run repeats the uninterrupted one exactly; the matmul probe that gives MFU
-its denominator; what each process holds, in bytes.
+its denominator; what each process holds, in bytes; one run per out_dir (lock_out_dir), and
+workers that stop when their torchrun is killed (watch_launcher).
 """
+import fcntl
 import os
 import socket
+import struct
 import sys
+import threading
 import time
 from contextlib import nullcontext
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -22,6 +27,7 @@ from optimizers import each_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARALLEL = ("ddp", "fsdp")
+HELD_LOCKS = []  # lock_out_dir's open files
 
 
 def pick_dtype(c, device_type):
@@ -45,6 +51,7 @@ def setup(c):
     rank, local_rank, world = 0, 0, 1
     if launched:
         rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+        watch_launcher()
         if device.startswith("cuda"):
             device = f"cuda:{local_rank}"
             torch.cuda.set_device(device)
@@ -74,6 +81,59 @@ def setup(c):
                            device_type=device_type, local_accum=local_accum, local_batch=local_batch,
                            dtype=dtype, ptdtype=DTYPES[dtype], amp=amp,
                            use_compile=c["compile"] if c["compile"] != "auto" else device_type == "cuda")
+
+
+def watch_launcher(interval=1.0):
+    """Stop this worker within seconds when the torchrun that started it dies. torchrun starts
+    workers in sessions of their own (start_new_session, pytorch PR 113231) and has no setting
+    that ends them with it: a SIGKILLed torchrun left its workers training and saving into
+    out_dir beside the next run. Polls the parent's PID (Linux and macOS alike)."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        print(f"rank {os.environ.get('RANK')}: torchrun (PID {parent}) is gone; stopping", file=sys.stderr, flush=True)
+        os._exit(1)  # the checkpoints are whole (atomic writes): the next run resumes from the last
+
+    threading.Thread(target=watch, daemon=True, name="watch-torchrun").start()
+
+
+def lock_holder(fd):
+    """The PID holding a lock on any byte of fd's file (Linux: F_GETLK), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    query = struct.pack("hhqqi", fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)  # struct flock: type, whence, start, len, pid
+    kind, _, _, _, pid = struct.unpack("hhqqi", fcntl.fcntl(fd, fcntl.F_GETLK, query))
+    return pid if kind != fcntl.F_UNLCK else None
+
+
+def lock_out_dir(out_dir, run):
+    """One run per out_dir: out_dir/train.lock, locked by every process of the live run (process
+    r holds byte r; POSIX locks go with the process, so any exit, SIGKILL too, frees them and a
+    stale file is simply taken over). A second run refuses in one line naming the holder."""
+    fd = os.open(Path(out_dir) / "train.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    error = None
+    if run.master:
+        try:  # the whole file: free only if no process of any run holds a byte of it
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
+            fcntl.lockf(fd, fcntl.LOCK_UN, 0, 1)  # keep byte 0; the rest is for this run's other processes
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError:
+            pid = lock_holder(fd) or os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            error = (f"{out_dir}: another train.py is running on it (PID {pid}); wait for it, stop it, "
+                     f"or give this run another --out_dir")
+    if run.dist:  # every process learns process 0's verdict before taking its own byte
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error:
+        os.close(fd)
+        raise UserError(error)
+    if not run.master:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, run.rank)
+    HELD_LOCKS.append(fd)  # released by finish() (or by the process's end, however it ends)
 
 
 def free_port():
@@ -213,5 +273,7 @@ def memory_record(held, run, iter_num):
 
 
 def finish():
+    while HELD_LOCKS:
+        os.close(HELD_LOCKS.pop())
     if dist.is_initialized():
         dist.destroy_process_group()

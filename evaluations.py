@@ -170,6 +170,27 @@ def answer_metrics(preds, questions):
                              "char_f1": mean(char_f1, lambda t: t == k)} for k in sorted(set(kinds))})
 
 
+def data_dirs(path, depth=4):
+    """(pretraining data, SFT data) folders a checkpoint was trained on, read from its own config
+    and, up the chain of checkpoints it started from (init_from, an adapter's base), theirs."""
+    found = {}
+    try:
+        where = find_checkpoint(path)
+    except UserError:
+        return None, None
+    for _ in range(depth):
+        ckpt = torch.load(where, map_location="cpu", weights_only=True)  # (read only for its config)
+        config = ckpt.get("config") or {}
+        kind = "sft" if ckpt.get("kind") == "sft" else "pretrain" if ckpt.get("kind") == "pretrain" else None
+        if kind and config.get("data_dir"):
+            found.setdefault(kind, config["data_dir"])
+        parent = (ckpt.get("base") or {}).get("path") or config.get("init_from")
+        if not parent or parent in ("scratch", "resume") or not Path(parent).is_file() or len(found) == 2:
+            break
+        where = Path(parent)
+    return found.get("pretrain"), found.get("sft")
+
+
 def evaluate(path, args, device, questions, decoding):
     """(metrics, default-decoding answers, greedy answers) of one checkpoint."""
     model, tok, ckpt = load_model(path, device, args.decode, args.base)
@@ -203,8 +224,9 @@ def main():
     p.add_argument("--out_dir", default="out/tiny-sft", help="checkpoint (out_dir or .pt) to evaluate")
     p.add_argument("--compare", help="a second checkpoint (e.g. the pretrained one) to put beside it")
     p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
-    p.add_argument("--pretrain_data", default="data/fortunes-zh", help="folder with the val split's tokens")
-    p.add_argument("--sft_data", default="data/sft", help="folder with sft_val.bin and sft_val.jsonl")
+    p.add_argument("--pretrain_data", help="folder with the val split's tokens (default: the one the checkpoint, or "
+                                           "the one it started from, was trained on)")
+    p.add_argument("--sft_data", help="folder with sft_val.bin and sft_val.jsonl (default: the checkpoint's own)")
     p.add_argument("--questions", type=int, default=50, help="held-out questions to answer")
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--batch_size", type=int, default=8, help="rows per batch for the losses")
@@ -225,6 +247,10 @@ def main():
     device = pick_device(args.device)
     decoding = decoding_from_flags(args)
     t0 = time.time()
+    pretrain_data, sft_data = data_dirs(args.out_dir)
+    args.pretrain_data = args.pretrain_data or pretrain_data or "data/fortunes-zh"
+    args.sft_data = args.sft_data or sft_data or "data/sft"
+    print(f"data: pretraining {args.pretrain_data}, SFT {args.sft_data}")
     questions = held_out_questions(args.sft_data, args.questions)
     if not questions:
         print(f"note: no held-out questions in {args.sft_data}/sft_val.jsonl; generation metrics skipped")

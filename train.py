@@ -130,8 +130,8 @@ class Trainer:
         check_tracker(c["log_to"])
         self.c, self.run = c, distributed.setup(c)
         self.out_dir = Path(c["out_dir"])
-        if self.run.master:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        distributed.lock_out_dir(self.out_dir, self.run)  # one run per out_dir, until distributed.finish
         self.adapter = adapter_settings(c)
         self.build_model()
         self.build_optimizer()

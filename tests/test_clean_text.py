@@ -228,6 +228,20 @@ def test_eval_reports_bits_per_character_and_writes_the_report(tiny_runs, pretra
     assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG") and (tmp_path / "curves.png").exists()
 
 
+def test_eval_takes_the_data_folders_the_checkpoints_were_trained_on(tiny_runs, pretrain_dir, tiny_sft_data, tmp_path):
+    """No data flags: the SFT folder from the run's config, the pretraining one from the
+    checkpoint it started from (the bug: a run on data/sft-241 was scored against data/sft)."""
+    pre, sft = tiny_runs
+    proc = run_script("evaluations.py", f"--out_dir={sft}", "--questions=2", "--max_new_tokens=4", "--max_batches=2",
+                      f"--json={tmp_path / 'e.json'}", "--report=none")
+    assert f"data: pretraining {pretrain_dir}, SFT {tiny_sft_data}" in proc.stdout
+    run = json.loads((tmp_path / "e.json").read_text())[str(sft)]
+    assert run["pretrain_val_bpc"] is not None and run["sft_answer_loss"] is not None and len(run["answers"]) == 2
+    proc = run_script("evaluations.py", f"--out_dir={sft}", f"--sft_data={tmp_path}", "--questions=2", "--report=none",
+                      "--max_new_tokens=4", "--max_batches=2", f"--json={tmp_path / 'e.json'}")  # a flag still wins
+    assert f"SFT {tmp_path}\n" in proc.stdout and "no held-out questions" in proc.stdout
+
+
 # ------------------------------------------------------------------ chinese-poetry in simplified characters
 def test_chinese_poetry_is_converted_to_simplified(tmp_path):
     if not SHARED_POETRY.exists():

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 from unittest import mock
 
 import pytest
@@ -149,3 +150,48 @@ def test_resume_after_kill_with_dropout_and_measured_peak(tmp_path, pretrain_dir
     assert [s["loss"] for s in resumed] == [s["loss"] for s in full]
     assert [e["val_loss"] for e in read_log(tmp_path / "killed", "eval")] == \
         [e["val_loss"] for e in read_log(tmp_path / "full", "eval")]
+
+
+def start_training(args, wait_for="iter 2:", torchrun=False):
+    """A long train.py run in the background, returned once it has logged `wait_for`."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"] if torchrun else []
+    proc = subprocess.Popen([sys.executable, *launcher, "train.py", *args, "--max_iters=100000"], cwd=ROOT,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith(wait_for):
+            return proc
+    raise AssertionError(f"train.py ended before {wait_for!r}")
+
+
+def test_one_run_per_out_dir_and_a_dead_runs_lock_is_taken_over(tmp_path, pretrain_dir):
+    args = [*TINY, f"--data_dir={pretrain_dir}", f"--out_dir={tmp_path}", "--eval_interval=2"]
+    proc = start_training(args)
+    try:
+        second = run_script("train.py", *args, "--init_from=resume", check=False)
+        assert second.returncode == 1 and "Traceback" not in second.stderr
+        assert f"{tmp_path}: another train.py is running on it (PID {proc.pid})" in second.stderr
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    at = load_checkpoint(tmp_path / "ckpt.pt")["iter_num"]
+    run_train(tmp_path, pretrain_dir, f"--max_iters={at + 2}", "--eval_interval=2", "--init_from='resume'")
+    assert read_log(tmp_path, "train")[-1]["iter"] == at + 2  # the lock the killed run left was taken over
+
+
+def test_torchrun_workers_stop_when_torchrun_is_killed(tmp_path, pretrain_dir):
+    """SIGKILL reaches torchrun alone (its workers run in sessions of their own): they stop
+    within seconds, and their locks on out_dir go with them."""
+    proc = start_training([*TINY, f"--data_dir={pretrain_dir}", f"--out_dir={tmp_path}", "--eval_interval=2"],
+                          torchrun=True)
+    fd = os.open(tmp_path / "train.lock", os.O_RDWR)
+    try:
+        assert distributed.lock_holder(fd) is not None
+        proc.kill()
+        proc.wait(timeout=60)
+        deadline = time.time() + 20
+        while distributed.lock_holder(fd) is not None and time.time() < deadline:
+            time.sleep(0.2)
+        assert distributed.lock_holder(fd) is None, "a worker still holds out_dir 20 s after torchrun died"
+    finally:
+        os.close(fd)
