@@ -294,7 +294,11 @@ def to_device(batch, device):
 
 
 def open_data(data_dir, block_size, tok):
-    """SFT data if the folder holds sft_train.bin, else pretraining data; ids in tok's vocabulary."""
+    """Preference pairs if the folder holds pairs_train.bin (align.py), SFT data if sft_train.bin,
+    else pretraining data; ids in tok's vocabulary."""
+    if (Path(data_dir) / "pairs_train.bin").exists():
+        from align import PairData  # (align imports this module)
+        return PairData(data_dir, block_size, tok)
     if (Path(data_dir) / "sft_train.bin").exists():
         return SFTData(data_dir, block_size, tok)
     if not (Path(data_dir) / "meta.json").exists():

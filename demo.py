@@ -1,7 +1,8 @@
 """
 The whole pipeline in one command, on a CPU in under 8 minutes: fetch the default data →
 prepare (a BPE trained on its train split) → tiny pretrain → prepare SFT (in the model's
-vocabulary) → tiny SFT → evaluate against the pretrained model → report.
+vocabulary) → tiny SFT → [--align=dpo: preference pairs of its own answers → tiny DPO] →
+evaluate against the model before the last stage → report.
 
 The data: Debian's fortunes-zh where it is installed (the README's figures), else the
 corpus committed in assets/embedded/ (classical Chinese, no apt needed); --data picks.
@@ -15,6 +16,7 @@ out/tiny-sft/report.md with its loss plots. Tracked files are left alone unless
   python demo.py --data embedded
   python demo.py --finetune=lora     # LoRA instead of full SFT (or ptuning: P-Tuning v2), out/tiny-lora
   python demo.py --finetune=ptuning --reuse_pretrain   # keep out/tiny-pretrain from an earlier run
+  python demo.py --align=dpo         # then the third stage: DPO on the model's own answers, out/tiny-dpo
 """
 import argparse
 import shutil
@@ -58,6 +60,9 @@ def main():
                    help="how SFT trains: every weight, or an adapter on the frozen pretrain (docs/finetune.md)")
     p.add_argument("--reuse_pretrain", action="store_true",
                    help="keep the pretrained model of an earlier run (its best.pt) instead of training it again")
+    p.add_argument("--align", default="none", choices=["none", "dpo"],
+                   help="after SFT, align the model: dpo = preference pairs of its own answers (docs/align.md)")
+    p.add_argument("--reuse_sft", action="store_true", help="keep the SFT model of an earlier run (its best.pt)")
     p.add_argument("--refresh_docs", action="store_true",
                    help="copy the run's loss.png and curves.png over docs/ (the README's pictures)")
     args = p.parse_args()
@@ -82,19 +87,30 @@ def main():
         step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
         step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}",
              *quick)
-    step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
-         f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
-    step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}", f"--init_from={pre / 'best.pt'}",
-         f"--data_dir={sft_data}", *quick)
-    step("evaluate SFT vs pretrained, write the report", "evaluations.py", f"--out_dir={sft}", f"--compare={pre}",
-         f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
+    if args.reuse_sft and (sft / "best.pt").is_file():
+        print(f"note: --reuse_sft: keeping {sft / 'best.pt'} (its data in {sft_data})")
+    else:
+        step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
+             f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
+        step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}",
+             f"--init_from={pre / 'best.pt'}", f"--data_dir={sft_data}", *quick)
+    final, compare = sft, pre
+    if args.align == "dpo":
+        final, compare = Path(args.out) / "tiny-dpo", sft
+        step("preference pairs from the SFT model's own answers (train questions only)", "data/prepare_pairs.py",
+             f"--vocab={sft}", "--on_policy", f"--sft_data={sft_data}", f"--block_size={rows}", "--out_dir=data/pairs",
+             *(["--max_questions=40"] if args.smoke else []))
+        step("tiny DPO", "train.py", "config/dpo_tiny_cpu.py", f"--out_dir={final}", f"--init_from={sft / 'best.pt'}",
+             "--data_dir=data/pairs", *quick)
+    step(f"evaluate {final.name} vs {compare.name}, write the report", "evaluations.py", f"--out_dir={final}",
+         f"--compare={compare}", f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
          *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))
     if args.refresh_docs:
         for name in ("loss.png", "curves.png"):
-            shutil.copyfile(sft / name, ROOT / "docs" / name)
+            shutil.copyfile(final / name, ROOT / "docs" / name)
         print("copied loss.png and curves.png to docs/")
-    print(f"\nall done in {time.time() - t0:.0f}s. Report: {sft / 'report.md'}\n"
-          f"Next: python sample.py --out_dir={sft} --chat   or   python sample_gradio.py")
+    print(f"\nall done in {time.time() - t0:.0f}s. Report: {final / 'report.md'}\n"
+          f"Next: python sample.py --out_dir={final} --chat   or   python sample_gradio.py")
 
 
 if __name__ == "__main__":

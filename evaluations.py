@@ -13,6 +13,7 @@ figures) and greedy (under "greedy"). Prints a table, writes JSON and a run repo
 """
 import argparse
 import math
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -158,6 +159,20 @@ def question_type(q):
     return "dialogue"
 
 
+KEY_FACTS = {"作者": re.compile(r"的作者是(.+?)。"), "下一句": re.compile(r"的下一句是“(.+?)”")}
+
+
+def key_fact(question, reference, answer):
+    """For 作者 and 下一句 questions, whether the answer names the reference's fact (the author,
+    the next line) in the same form (…的作者是A / …的下一句是“B”); None for other questions."""
+    pattern = KEY_FACTS.get(question_type(question))
+    fact = pattern.search(reference) if pattern else None
+    if not fact:
+        return None
+    said = pattern.search(answer)
+    return bool(said) and said.group(1) == fact.group(1)
+
+
 def answer_metrics(preds, questions):
     """Scores of answers against the references, overall and per question type."""
     refs, kinds = [a for _, a in questions], [question_type(q) for q, _ in questions]
@@ -167,7 +182,10 @@ def answer_metrics(preds, questions):
                 distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
                 answers_with_fffd=sum("\ufffd" in p for p in preds),
                 by_type={k: {"questions": kinds.count(k), "exact_match": mean(exact_match, lambda t: t == k),
-                             "char_f1": mean(char_f1, lambda t: t == k)} for k in sorted(set(kinds))})
+                             "char_f1": mean(char_f1, lambda t: t == k),
+                             **({"key_fact_rate": float(np.mean([key_fact(q, r, p) for (q, r), p in zip(questions, preds)
+                                                                 if question_type(q) == k]))} if k in KEY_FACTS else {})}
+                         for k in sorted(set(kinds))})
 
 
 def data_dirs(path, depth=4):

@@ -42,6 +42,15 @@ def method_label(result):
     return result.get("finetune") or "-"
 
 
+def stage_label(result):
+    """Which stage of training made the checkpoint: pretraining, SFT, or DPO with its loss and beta."""
+    c = result.get("config") or {}
+    if result.get("kind") == "dpo":
+        rpo = f", rpo_alpha {c['rpo_alpha']:g}" if c.get("rpo_alpha") else ""
+        return f"DPO ({c.get('dpo_loss', 'sigmoid')}, beta {c.get('beta', 0):g}{rpo})"
+    return {"pretrain": "pretraining", "sft": "SFT"}.get(result.get("kind"), str(result.get("kind")))
+
+
 def run_dir(path):
     path = Path(path)
     return path if path.is_dir() else path.parent
@@ -75,7 +84,7 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
     def row(label, values):
         lines.append(f"| {label} | " + " | ".join(values) + " |")
 
-    row("kind", [str(runs[n][0]["kind"]) for n in names])
+    row("stage", [stage_label(runs[n][0]) for n in names])
     row("fine-tuning", [method_label(runs[n][0]) for n in names])
     row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
     row("layers × width, heads, context", [
@@ -102,12 +111,13 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
             row(f"greedy: {m}", [fmt(runs[n][0].get("greedy", {}).get(m)) for n in names])
     types = sorted({t for n in names for t in runs[n][0].get("by_type", {})})
     if types:
-        lines += ["", "By question type (exact match / char F1):", "",
+        lines += ["", "By question type (exact match / char F1 / key-fact rate: the right author, the right next line):", "",
                   "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
         for t in types:
             bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
             lines.append(f"| {t} | {bt[0].get('questions', 0)} | "
-                         + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}" for b in bt) + " |")
+                         + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}"
+                                      + (f" / {b['key_fact_rate']:.2f}" if "key_fact_rate" in b else "") for b in bt) + " |")
     lines += ["", "## Sampled answers", "", f"({decoding_label(decoding)}; a line break in a poem is shown as ` / `)", ""]
 
     def one_line(text):

@@ -1,24 +1,24 @@
 """
-Pretraining and supervised fine-tuning (SFT) of the GPT in model.py.
+Pretraining, supervised fine-tuning (SFT) and preference alignment (DPO: align.py) of the GPT in model.py.
 
   python train.py config/train_tiny_cpu.py                     # one process
   python train.py config/train_config.py --batch_size=32       # --key=value overrides (Python literals)
   torchrun --standalone --nproc_per_node=4 train.py config/train_config.py   # DDP
   torchrun --standalone --nproc_per_node=8 train.py config/train_1b.py       # FSDP (parallel='fsdp')
   python train.py config/sft_lora_tiny_cpu.py                  # LoRA (finetune='lora'; or 'ptuning')
+  python train.py config/dpo_tiny_cpu.py                       # DPO on preference pairs (stage='dpo')
 
-The data folder decides the mode: sft_train.bin (from data/prepare_sft.py) means SFT,
-with the loss on answer tokens only; train.bin (from data/prepare.py) means pretraining.
-init_from: 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or the path of a
+The data folder decides the mode: sft_train.bin (data/prepare_sft.py) means SFT, the loss on
+answer tokens only; pairs_train.bin (data/prepare_pairs.py) DPO, with stage='dpo'; train.bin
+(data/prepare.py) pretraining. init_from: 'scratch', 'resume' (continue out_dir/ckpt.pt exactly), or the path of a
 checkpoint whose weights to start from (SFT starts from a pretrained model this way).
 finetune: 'full', or an adapter on the frozen init_from model (adapters.py).
 vocab: 'gpt2' (all 50,257 tokens), 'trimmed' (the GPT-2 ids of data_dir's corpus, from its
 vocab.json) or 'bpe' (the BPE of vocab_size tokens that data/prepare.py trained on data_dir's
 train split): set when training from scratch; a checkpoint brings its own.
 
-The stages: distributed.setup (processes, device, dtype) → Trainer.build_model (weights,
-tokenizer, data, adapter) → Trainer.build_optimizer (and the resumed state) → Trainer.train
-(the step loop, with evaluate_and_save every eval_interval).
+The steps: distributed.setup (processes, device, dtype) → Trainer.build_model (weights, tokenizer,
+data, adapter) → Trainer.build_optimizer (and resumed state) → Trainer.train (the step loop).
 """
 import ast
 import sys
@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+import align
 import distributed
 from adapters import adapter_settings, adapter_state, add_adapter, file_sha256, trained_fraction
 from checkpoint import (SHARDED, checkpoint_tokenizer, gathered_weights, load_checkpoint, load_sharded, open_checkpoint,
@@ -83,6 +84,7 @@ DEFAULTS = dict(
     lora_targets="all",  # 'all' or some of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (list or comma-separated)
     num_virtual_tokens=16,  # P-Tuning v2: the prefix's keys and values per layer
     prefix_projection=False, encoder_hidden_size=512,  # make the prefix with an MLP of this width (as peft)
+    **align.DEFAULTS,  # stage ('auto' | 'dpo'), beta, dpo_loss, rpo_alpha: the third stage (align.py)
 )
 
 
@@ -128,6 +130,7 @@ def load_config(argv, defaults=DEFAULTS):
 class Trainer:
     def __init__(self, c):
         check_tracker(c["log_to"])
+        align.check_stage(c)
         self.c, self.run = c, distributed.setup(c)
         self.out_dir = Path(c["out_dir"])
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,12 +183,13 @@ class Trainer:
                  vocab=tok.kind, rope=model_args.get("rope", False))
         # a P-Tuning prefix takes positions: the text gets context_size (block_size - prefix)
         self.data = data = open_data(c["data_dir"], model.context_size, tok)
-        self.kind = "sft" if isinstance(data, SFTData) else "pretrain"
+        self.kind = "dpo" if isinstance(data, align.PairData) else "sft" if isinstance(data, SFTData) else "pretrain"
+        align.check_kind(c, self.kind, self.ckpt or {})
         # the characters the model has seen in training: by default generation writes no other
         self.chars = "".join(sorted(set(chars) | set(data.chars or "")))
         self.block = data.row_len - 1 if self.kind == "sft" else model.context_size
         # the chat template the SFT rows were written in: sample, Gradio and evaluations use it
-        self.template = data.meta.get("template", "qa") if self.kind == "sft" else (self.ckpt or {}).get("template")
+        self.template = data.meta.get("template", "qa") if self.kind != "pretrain" else (self.ckpt or {}).get("template")
         self.raw_model, self.tok, self.model_args = model, tok, model_args
 
     def build_optimizer(self):
@@ -376,21 +380,18 @@ class Trainer:
             if self.iter_num % c["log_interval"] == 0 or self.iter_num == c["max_iters"]:
                 self.log_steps(lr, iters_since_log, (time.time() - t_log) / iters_since_log)
                 t_log, iters_since_log = time.time(), 0
-        self.log_memory()
+        self.log(*distributed.memory_record(self.held, run, self.iter_num))  # bytes held per process, peaks
         if run.master:
             print(f"done in {time.time() - self.t_start:.1f}s; best val loss {self.best_val_loss:.4f}; "
                   f"checkpoints in {self.out_dir}; peak memory {distributed.peak_memory_mib(run):,.0f} MiB")
             self.runlog.close()
 
-    def log_memory(self):
-        """Every process's weight, gradient and optimizer bytes and peak memory, in one record."""
-        self.log(*distributed.memory_record(self.held, self.run, self.iter_num))
 
 
 def main(argv=None):
     c = load_config(sys.argv[1:] if argv is None else argv)
     try:
-        Trainer(c).train()
+        (align.make_trainer(Trainer) if c["stage"] == "dpo" else Trainer)(c).train()
     finally:  # (also after an error in setting up: the process group goes)
         distributed.finish()
 

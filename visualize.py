@@ -7,7 +7,8 @@ Plot training curves from the log.jsonl of one or more runs (train.py writes it)
 Writes loss.png (train and val loss vs iteration, one panel per run kind: pretraining and
 SFT side by side, several runs of a kind overlaid with a legend) and curves.png (loss vs
 iteration and vs tokens, learning rate, tokens/s, and pretraining val bits per character,
-which compares across vocabularies where nats per token do not).
+which compares across vocabularies where nats per token do not); for DPO runs also dpo.png
+(trl's reward metrics: chosen and rejected rewards, margin, accuracy).
 """
 import argparse
 import json
@@ -41,7 +42,8 @@ def read_run(run):
             raise UserError(f"{path}:{lineno}: not a train.py log line") from None
     if not train and not evals:
         raise UserError(f"{path}: empty log")
-    kind = "SFT" if any(r.get("mode") == "sft" for r in train + evals) else "pretrain"
+    modes = {r.get("mode") for r in train + evals}
+    kind = "DPO" if "dpo" in modes else "SFT" if "sft" in modes else "pretrain"
     return {"name": str(Path(run)), "train": train, "eval": evals, "kind": kind}
 
 
@@ -73,7 +75,7 @@ def plot_runs(runs, out, log_y=False):
     for ax, kind in zip(axes[0], kinds):
         for run in (r for r in runs if r["kind"] == kind):
             plot_loss(ax, run, run["color"], log_y=log_y)
-        ax.set_title(f"{kind} loss" + (" (answer tokens only)" if kind == "SFT" else ""))
+        ax.set_title(f"{kind} loss" + {"SFT": " (answer tokens only)", "DPO": " (ln 2 = 0.693 at the start)"}.get(kind, ""))
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
@@ -107,7 +109,30 @@ def plot_runs(runs, out, log_y=False):
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
-    return [out / "loss.png", out / "curves.png"]
+    dpo_runs = [r for r in runs if r["kind"] == "DPO"]
+    return [out / "loss.png", out / "curves.png"] + ([plot_dpo(dpo_runs, out)] if dpo_runs else [])
+
+
+def plot_dpo(runs, out):
+    """dpo.png: trl's reward metrics of DPO runs, train (lines) and val pairs (points)."""
+    fig, axes = plt.subplots(1, 3, figsize=(18, 4.2))
+    for run in runs:
+        for ax, keys in zip(axes, (("rewards/chosen", "rewards/rejected"), ("rewards/margins",), ("rewards/accuracies",))):
+            for key, style in zip(keys, ("-", ":")):
+                ax.plot([r["iter"] for r in run["train"]], [r[key] for r in run["train"]], style, color=run["color"],
+                        alpha=0.7, label=f"{run['name']} {key}")
+                points = [e for e in run["eval"] if f"val_{key}" in e]
+                ax.plot([e["iter"] for e in points], [e[f"val_{key}"] for e in points], "o", color=run["color"],
+                        label=f"{run['name']} val {key}")
+    for ax, title in zip(axes, ("rewards: beta x (log pi - log ref), chosen and rejected", "reward margin",
+                                "reward accuracy (chosen > rejected)")):
+        ax.set(title=title, xlabel="iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "dpo.png", dpi=120)
+    plt.close(fig)
+    return out / "dpo.png"
 
 
 def main():
@@ -117,7 +142,7 @@ def main():
     p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
     args = p.parse_args()
     paths = plot_runs([read_run(r) for r in args.runs], args.out_dir, args.log_y)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    print(f"wrote {', '.join(map(str, paths))}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Preference pairs for DPO (train.py stage='dpo'): each pair is two rows of block_size token ids,
 the chosen answer's and the rejected one's, after the same prompt, with a 0/1 loss mask on the
 answer tokens and the end token (pairs_{train,val}.bin, uint16; pairs_{train,val}_mask.bin;
-row 2k chosen, row 2k+1 rejected) and meta.json. The chat template is the checkpoint's own.
+row 2k chosen, row 2k+1 rejected), the pairs as text (pairs_{train,val}.jsonl) and meta.json. The chat template is the checkpoint's own.
 
   python data/prepare_pairs.py --vocab out/tiny-sft --input prefs.jsonl --out_dir data/pairs
   python data/prepare_pairs.py --vocab out/tiny-sft --on_policy --sft_data data/sft --out_dir data/pairs
@@ -12,8 +12,8 @@ Input (--input, JSON list or JSONL), trl's preference formats:
   conversational  {"prompt": [messages], "chosen": [messages], "rejected": [messages]}
   implicit prompt {"chosen": [messages], "rejected": [messages]} (minimind's lines): the messages
                   both share are the prompt, the last assistant message of each is its answer.
---on_policy builds pairs from the model itself: for each question of the SFT *train* split (the
-held-out questions are never read), chosen is the reference answer and rejected is the first of
+--on_policy builds pairs from the model itself: for each question of the SFT *train* split (none
+whose text is also a held-out question: those stay untouched), chosen is the reference answer and rejected is the first of
 the model's own sampled answers whose char F1 against it is below --max_f1.
 A record without a field, with an empty answer, or with chosen = rejected is dropped and counted
 (--strict: stop at the first, naming file:line).
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chat_template import join_segments, message_segments  # noqa: E402
+from chat_template import join_segments, message_segments, render_prompt  # noqa: E402
 from data.prepare_sft import fit_segments, to_rows, vocabulary  # noqa: E402
 from data_utils import UserError, atomic_write, parse_json, read_jsonl, run_cli, write_json  # noqa: E402
 
@@ -111,16 +111,22 @@ def on_policy_records(args, tok):
     records, _ = read_jsonl(path) if path.is_file() else (None, None)
     if records is None:
         raise UserError(f"{path}: not found (--sft_data: the SFT folder whose train split gives the questions)")
+    val = Path(args.sft_data) / "sft_val.jsonl"  # a held-out question's text, also asked in train, stays out too
+    held_out = {c["messages"][0]["content"] for _, c in read_jsonl(val)[0]} if val.is_file() else set()
     qa = [(n, c["messages"][0]["content"], c["messages"][1]["content"]) for n, c in records
-          if len(c.get("messages", [])) == 2 and c["messages"][0]["role"] == "user"]
-    random.Random(args.seed).shuffle(qa)
-    qa = qa[:args.max_questions]
+          if len(c.get("messages", [])) == 2 and c["messages"][0]["role"] == "user"
+          and c["messages"][0]["content"] not in held_out]
     model, tok, ckpt = load_model(args.vocab)
-    constraint = model_constraint(tok, ckpt)
+    constraint, template = model_constraint(tok, ckpt), model_template(ckpt)
+    fits = [x for x in qa if len(render_prompt(tok, [], x[1], template)) + args.max_new_tokens <= model.context_size]
+    if len(fits) < len(qa):
+        print(f"on-policy: {len(qa) - len(fits):,} questions leave no room for {args.max_new_tokens} new tokens: skipped")
+    random.Random(args.seed).shuffle(fits)
+    qa = fits[:args.max_questions]
     out, rejected = [], {}
     for k in range(args.samples):  # sample round k for the questions that have no rejected answer yet
         todo = [x for x in qa if x[0] not in rejected]
-        answers = answer_batch(model, tok, [q for _, q, _ in todo], constraint=constraint, template=model_template(ckpt),
+        answers = answer_batch(model, tok, [q for _, q, _ in todo], constraint=constraint, template=template,
                                max_new_tokens=args.max_new_tokens, seed=args.seed + k, temperature=args.temperature,
                                batch_size=32)
         for (n, q, ref), a in zip(todo, answers):
@@ -175,7 +181,7 @@ def main():
             bad.append(f"{where}: {e}")
             continue
         if rows:
-            pairs.append(rows)
+            pairs.append((rows, {"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": where}))
             text.update("".join(m.get("content", "") for m in prompt) + chosen + rejected)
     if bad:
         print(f"dropped {len(bad)} bad record(s); first: {bad[0]}")
@@ -189,9 +195,11 @@ def main():
             "source": "on-policy: " + str(find_checkpoint(args.vocab)) if args.on_policy else args.input,
             "chars": "".join(sorted(text))}
     for split, chunk in (("val", pairs[:n_val]), ("train", pairs[n_val:])):
-        ids, mask, _ = to_rows([row for pair in chunk for row in pair], args.block_size, False, tok.eot)
+        ids, mask, _ = to_rows([row for rows, _ in chunk for row in rows], args.block_size, False, tok.eot)
         atomic_write(out / f"pairs_{split}.bin", lambda f: f.write(ids.astype(np.uint16).tobytes()))
         atomic_write(out / f"pairs_{split}_mask.bin", lambda f: f.write(mask.astype(np.uint8).tobytes()))
+        atomic_write(out / f"pairs_{split}.jsonl", lambda f: f.writelines(
+            json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk), mode="w")
         meta[f"{split}_pairs"] = len(chunk)
         print(f"{split}: {len(chunk):,} pairs")
     write_json(out / "meta.json", meta)
