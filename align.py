@@ -28,13 +28,20 @@ import torch.nn.functional as F
 import distributed
 from adapters import LoRALinear, file_sha256
 from checkpoint import load_checkpoint, model_from_checkpoint
-from data_utils import SFTData, UserError, require_file, to_device
+from data_utils import SFTData, UserError, read_jsonl, require_file, to_device
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-STAGES = ("auto", "dpo")
+STAGES = ("auto", "dpo", "grpo")
 DEFAULTS = dict(
-    stage="auto",  # 'auto': pretraining or SFT, by the data folder; 'dpo': preference pairs (align.py)
+    # 'auto': pretraining or SFT, by the data folder; 'dpo': preference pairs (here); 'grpo': rewards (grpo.py)
+    stage="auto",
     beta=0.1, dpo_loss="sigmoid", rpo_alpha=0.0,  # DPO: the KL strength, the loss (LOSS_TYPES), an SFT term
+    grpo_prompts=8, grpo_group=8,  # GRPO: questions per iteration (all processes), answers sampled per question
+    grpo_max_new_tokens=48, grpo_temperature=1.0,  # the length cap of an answer; sampling temperature
+    grpo_reward="rewards:qa_reward", grpo_format_reward=0.1,  # module:function; + this if it ended properly
+    grpo_kl=0.0, grpo_clip=0.2, grpo_iterations=1,  # k3 KL weight (trl's default 0), clip eps, updates per batch
+    grpo_scale_rewards=True,  # advantages (r - mean) / (std + 1e-4) as trl; False: r - mean (nanochat)
+    grpo_dev_questions=64,  # greedy pass@1 (key facts) on this many dev questions at each evaluation
 )
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")
@@ -74,9 +81,17 @@ class PairData(SFTData):
 
 
 def sequence_logps(model, batch):
-    """(summed log-probability of each row's trained tokens, their count), each (rows,). Only the
-    trained positions are projected onto the vocabulary (model.py's SFT path: the answers are a
-    fraction of a row), unless the model is compiled (then all are, and the mask selects)."""
+    """(summed log-probability of each row's trained tokens, their count), each (rows,)."""
+    logp, _ = token_logps(model, batch)
+    mask = batch["loss_mask"]
+    sums = torch.zeros(len(mask), dtype=logp.dtype, device=logp.device).index_add(0, mask.bool().nonzero()[:, 0], logp)
+    return sums, mask.sum(1).to(logp.dtype)
+
+
+def token_logps(model, batch):
+    """(log-probability, entropy) of each trained token, flat, in row-major order of the mask.
+    Only the trained positions are projected onto the vocabulary (model.py's SFT path: answers
+    are a fraction of a row), unless the model is compiled (then all are, and the mask selects)."""
     mask, y = batch["loss_mask"], batch["y"]
     inner = getattr(model, "module", model)  # (under DDP)
     chunk_rows, inner.loss_chunk_rows = inner.loss_chunk_rows, 0  # the logits, not a fused loss
@@ -85,12 +100,10 @@ def sequence_logps(model, batch):
     finally:
         inner.loss_chunk_rows = chunk_rows
     keep = mask.bool()
-    targets = y[keep] if logits.dim() == 2 else y
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    if logits.dim() == 3:
-        logp = logp[keep]
-    sums = torch.zeros(len(mask), dtype=logp.dtype, device=logp.device).index_add(0, keep.nonzero()[:, 0], logp)
-    return sums, mask.sum(1).to(logp.dtype)
+    logits = logits[keep] if logits.dim() == 3 else logits
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    logp = logprobs.gather(-1, y[keep].unsqueeze(-1)).squeeze(-1)
+    return logp, -(logprobs.exp() * logprobs).sum(-1).detach()
 
 
 def dpo_loss(logps, ref_logps, counts, beta, loss_type="sigmoid", rpo_alpha=0.0):
@@ -134,11 +147,39 @@ def adapter_off(model):
         model.prefix = prefix
 
 
+def trainer_class(base, stage):
+    """train.Trainer, or the subclass that runs an alignment stage."""
+    if stage == "grpo":
+        import grpo  # (its rewards import the evaluation metrics: only when asked for)
+        return grpo.make_trainer(base)
+    return make_trainer(base) if stage == "dpo" else base
+
+
+def train_questions(sft_data):
+    """(question, reference, record) of the single-turn records of an SFT folder's *train* split,
+    none whose question text is also a held-out one (those stay untouched by alignment)."""
+    path, val = Path(sft_data) / "sft_train.jsonl", Path(sft_data) / "sft_val.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: not found (the SFT folder whose train split gives the questions)")
+    held_out = {c["messages"][0]["content"] for _, c in read_jsonl(val)[0]} if val.is_file() else set()
+    return [(c["messages"][0]["content"], c["messages"][1]["content"], dict(c, reference=c["messages"][1]["content"],
+                                                                             source=f"{path}:{n}"))
+            for n, c in read_jsonl(path)[0] if len(c.get("messages", [])) == 2 and c["messages"][0]["role"] == "user"
+            and c["messages"][0]["content"] not in held_out]
+
+
 def check_stage(c):
     """One-line errors for a stage key that does not fit the rest of the config."""
     if c["stage"] not in STAGES:
         raise UserError(f"stage must be one of {', '.join(STAGES)}, got {c['stage']!r}")
-    if c["stage"] != "dpo":
+    if c["stage"] == "grpo":
+        if c["init_from"] == "scratch":
+            raise UserError("stage='grpo' improves a trained model: set init_from to an SFT checkpoint "
+                            "(init_from='scratch' samples nothing worth rewarding)")
+        if isinstance(c["grpo_group"], bool) or not isinstance(c["grpo_group"], int) or c["grpo_group"] < 2:
+            raise UserError(f"grpo_group must be at least 2 (an answer is judged against its group), "
+                            f"got {c['grpo_group']!r}")
+    if c["stage"] == "auto":
         return
     if c["init_from"] == "scratch":
         raise UserError("stage='dpo' aligns a trained model: set init_from to an SFT checkpoint "
@@ -148,29 +189,32 @@ def check_stage(c):
     if c["dpo_loss"] not in LOSS_TYPES:
         raise UserError(f"dpo_loss must be one of {', '.join(LOSS_TYPES)}, got {c['dpo_loss']!r}")
     if c["parallel"] == "fsdp":
-        raise UserError("stage='dpo' runs in one process or under DDP; parallel='fsdp' is not supported for it yet")
+        raise UserError(f"stage={c['stage']!r} runs in one process or under DDP; parallel='fsdp' is not supported "
+                        f"for it yet")
 
 
 def check_kind(c, kind, ckpt):
     """The data folder's kind (and a resumed checkpoint's) must be the stage's."""
     if c["stage"] == "dpo" and kind != "dpo":
         raise UserError(f"{c['data_dir']}: no preference pairs (pairs_train.bin): make them with data/prepare_pairs.py")
+    if c["stage"] == "grpo" and kind != "sft":
+        raise UserError(f"{c['data_dir']}: stage='grpo' takes its questions from an SFT folder (sft_train.jsonl, "
+                        f"data/prepare_sft.py)")
     if c["stage"] != "dpo" and kind == "dpo":
         raise UserError(f"{c['data_dir']} holds preference pairs: train on them with --stage=dpo")
-    if c["init_from"] == "resume" and (ckpt.get("kind") == "dpo") != (c["stage"] == "dpo"):
-        raise UserError(f"{c['out_dir']}: a {ckpt.get('kind')} run; resume it with "
-                        f"stage={'dpo' if ckpt.get('kind') == 'dpo' else 'auto'!r}, not stage={c['stage']!r}")
+    was = {"dpo": "dpo", "grpo": "grpo"}.get(ckpt.get("kind"), "auto")
+    if c["init_from"] == "resume" and was != c["stage"]:
+        raise UserError(f"{c['out_dir']}: a {ckpt.get('kind')} run; resume it with stage={was!r}, "
+                        f"not stage={c['stage']!r}")
 
 
-def make_trainer(base):
-    """train.Trainer with DPO's data, reference, step and evaluation (built here to keep the
-    base trainer's file about pretraining and SFT)."""
+def with_reference(base):
+    """train.Trainer plus the frozen reference model of the alignment stages (DPO, GRPO)."""
 
-    class DPOTrainer(base):
+    class ReferenceTrainer(base):
         def build_model(self):
             resumed = self.c["init_from"] == "resume"
-            super().build_model()  # (checks the data is pairs: check_kind)
-            self.block = 2 * (self.data.row_len - 1)  # the chosen and the rejected row of a pair
+            super().build_model()  # (checks the data fits the stage: check_kind)
             if self.adapter:
                 self.reference, self.reference_info = None, None
                 return
@@ -185,13 +229,30 @@ def make_trainer(base):
         def metadata(self, state):
             return dict(super().metadata(state), reference=self.reference_info)
 
+        @torch.no_grad()
+        def reference_logps(self, batch, per_token=False):
+            """The reference's log-probabilities of the batch's trained tokens: summed per row, or
+            each token's (token_logps). Under an adapter: the model with it switched off."""
+            with adapter_off(self.raw_model) if self.reference is None else nullcontext():
+                model = self.raw_model if self.reference is None else self.reference
+                return token_logps(model, batch)[0] if per_token else sequence_logps(model, batch)[0]
+
+    return ReferenceTrainer
+
+
+def make_trainer(base):
+    """train.Trainer with DPO's data, reference, step and evaluation (built here to keep the
+    base trainer's file about pretraining and SFT)."""
+
+    class DPOTrainer(with_reference(base)):
+        def build_model(self):
+            super().build_model()
+            self.block = 2 * (self.data.row_len - 1)  # the chosen and the rejected row of a pair
+
         def logps(self, model, batch):
             """The policy's (with grad) and the reference's (none) summed log-probabilities."""
             logps, counts = sequence_logps(model, batch)
-            with torch.no_grad():
-                with adapter_off(self.raw_model) if self.reference is None else nullcontext():
-                    ref, _ = sequence_logps(self.raw_model if self.reference is None else self.reference, batch)
-            return logps, ref, counts
+            return logps, self.reference_logps(batch), counts
 
         def loss(self, model, batch):
             c = self.c

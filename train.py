@@ -84,7 +84,7 @@ DEFAULTS = dict(
     lora_targets="all",  # 'all' or some of attn.c_attn, attn.c_proj, mlp.c_fc, mlp.c_proj (list or comma-separated)
     num_virtual_tokens=16,  # P-Tuning v2: the prefix's keys and values per layer
     prefix_projection=False, encoder_hidden_size=512,  # make the prefix with an MLP of this width (as peft)
-    **align.DEFAULTS,  # stage ('auto' | 'dpo'), beta, dpo_loss, rpo_alpha: the third stage (align.py)
+    **align.DEFAULTS,  # stage ('auto' | 'dpo' | 'grpo') and its keys: the third stage (align.py, grpo.py)
 )
 
 
@@ -391,7 +391,7 @@ class Trainer:
 def main(argv=None):
     c = load_config(sys.argv[1:] if argv is None else argv)
     try:
-        (align.make_trainer(Trainer) if c["stage"] == "dpo" else Trainer)(c).train()
+        align.trainer_class(Trainer, c["stage"])(c).train()
     finally:  # (also after an error in setting up: the process group goes)
         distributed.finish()
 

@@ -107,15 +107,8 @@ def on_policy_records(args, tok):
     from checkpoint import load_model
     from evaluations import char_f1
     from generation import answer_batch, model_constraint, model_template
-    path = Path(args.sft_data) / "sft_train.jsonl"
-    records, _ = read_jsonl(path) if path.is_file() else (None, None)
-    if records is None:
-        raise UserError(f"{path}: not found (--sft_data: the SFT folder whose train split gives the questions)")
-    val = Path(args.sft_data) / "sft_val.jsonl"  # a held-out question's text, also asked in train, stays out too
-    held_out = {c["messages"][0]["content"] for _, c in read_jsonl(val)[0]} if val.is_file() else set()
-    qa = [(n, c["messages"][0]["content"], c["messages"][1]["content"]) for n, c in records
-          if len(c.get("messages", [])) == 2 and c["messages"][0]["role"] == "user"
-          and c["messages"][0]["content"] not in held_out]
+    from align import train_questions
+    qa = [(rec["source"], q, ref) for q, ref, rec in train_questions(args.sft_data)]
     model, tok, ckpt = load_model(args.vocab)
     constraint, template = model_constraint(tok, ckpt), model_template(ckpt)
     fits = [x for x in qa if len(render_prompt(tok, [], x[1], template)) + args.max_new_tokens <= model.context_size]
@@ -134,7 +127,7 @@ def on_policy_records(args, tok):
                 rejected[n] = a
     for n, q, ref in qa:
         if n in rejected:
-            out.append((f"{path}:{n}", {"prompt": q, "chosen": ref, "rejected": rejected[n]}))
+            out.append((n, {"prompt": q, "chosen": ref, "rejected": rejected[n]}))
     print(f"on-policy: {len(out):,} of {len(qa):,} train questions got a sampled answer under char F1 {args.max_f1}")
     return out
 
