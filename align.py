@@ -42,6 +42,7 @@ DEFAULTS = dict(
     grpo_kl=0.0, grpo_clip=0.2, grpo_iterations=1,  # k3 KL weight (trl's default 0), clip eps, updates per batch
     grpo_scale_rewards=True,  # advantages (r - mean) / (std + 1e-4) as trl; False: r - mean (nanochat)
     grpo_dev_questions=64,  # greedy pass@1 (key facts) on this many dev questions at each evaluation
+    grpo_question_types="all",  # or some of 作者, 下一句, 背诵, dialogue (evaluations.question_type): '作者+下一句'
 )
 METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
            "logps/rejected")

@@ -1,7 +1,8 @@
 """
 The whole pipeline in one command, on a CPU in under 8 minutes: fetch the default data →
 prepare (a BPE trained on its train split) → tiny pretrain → prepare SFT (in the model's
-vocabulary) → tiny SFT → [--align=dpo: preference pairs of its own answers → tiny DPO] →
+vocabulary) → tiny SFT → [--align=dpo: preference pairs of its own answers → tiny DPO;
+--align=grpo: tiny GRPO] →
 evaluate against the model before the last stage → report.
 
 The data: Debian's fortunes-zh where it is installed (the README's figures), else the
@@ -17,6 +18,7 @@ out/tiny-sft/report.md with its loss plots. Tracked files are left alone unless
   python demo.py --finetune=lora     # LoRA instead of full SFT (or ptuning: P-Tuning v2), out/tiny-lora
   python demo.py --finetune=ptuning --reuse_pretrain   # keep out/tiny-pretrain from an earlier run
   python demo.py --align=dpo         # then the third stage: DPO on the model's own answers, out/tiny-dpo
+  python demo.py --align=grpo        # or GRPO: its sampled answers rewarded (right author, next line), out/tiny-grpo
 """
 import argparse
 import shutil
@@ -60,8 +62,9 @@ def main():
                    help="how SFT trains: every weight, or an adapter on the frozen pretrain (docs/finetune.md)")
     p.add_argument("--reuse_pretrain", action="store_true",
                    help="keep the pretrained model of an earlier run (its best.pt) instead of training it again")
-    p.add_argument("--align", default="none", choices=["none", "dpo"],
-                   help="after SFT, align the model: dpo = preference pairs of its own answers (docs/align.md)")
+    p.add_argument("--align", default="none", choices=["none", "dpo", "grpo"],
+                   help="after SFT, align the model: dpo = preference pairs of its own answers, grpo = rewards "
+                        "that can be checked (docs/align.md)")
     p.add_argument("--reuse_sft", action="store_true", help="keep the SFT model of an earlier run (its best.pt)")
     p.add_argument("--refresh_docs", action="store_true",
                    help="copy the run's loss.png and curves.png over docs/ (the README's pictures)")
@@ -102,6 +105,10 @@ def main():
              *(["--max_questions=40"] if args.smoke else []))
         step("tiny DPO", "train.py", "config/dpo_tiny_cpu.py", f"--out_dir={final}", f"--init_from={sft / 'best.pt'}",
              "--data_dir=data/pairs", *quick)
+    if args.align == "grpo":
+        final, compare = Path(args.out) / "tiny-grpo", sft
+        step("tiny GRPO: the model's own answers, rewarded", "train.py", "config/grpo_tiny_cpu.py", f"--out_dir={final}",
+             f"--init_from={sft / 'best.pt'}", f"--data_dir={sft_data}", *quick)
     step(f"evaluate {final.name} vs {compare.name}, write the report", "evaluations.py", f"--out_dir={final}",
          f"--compare={compare}", f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
          *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))

@@ -6,6 +6,7 @@ loads (tokenizer.json, with the chat template the model was fine-tuned with).
   python export_hf.py --out_dir=out/tiny-sft --dest=hf/tiny-sft
   python export_hf.py --out_dir=out/tiny-lora --dest=hf/tiny-lora      # an adapter: base/ + adapter/ (peft)
   python export_hf.py --out_dir=out/tiny-lora --dest=hf/tiny-lora-merged --merge   # LoRA folded in: one model
+  python export_hf.py --out_dir=out/tiny-sft --gguf=out/tiny-sft.gguf   # one GGUF file for llama.cpp (export_gguf.py)
 
   from transformers import AutoModelForCausalLM, AutoTokenizer
   tok, model = AutoTokenizer.from_pretrained("hf/tiny-sft"), AutoModelForCausalLM.from_pretrained("hf/tiny-sft")
@@ -218,10 +219,21 @@ def peft_adapter(hf_base, model, adapter):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (its best.pt) or a .pt file")
-    p.add_argument("--dest", required=True, help="the folder to write (created; files in it are replaced)")
+    p.add_argument("--dest", help="the folder to write (created; files in it are replaced)")
     p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
     p.add_argument("--merge", action="store_true", help="a LoRA adapter: fold it into the weights and write one model")
+    p.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp / Ollama instead (export_gguf.py; "
+                                                  "--dest is then not needed)")
+    p.add_argument("--gguf_type", default="f32", help="with --gguf: f32, f16 or q8_0")
+    p.add_argument("--force", action="store_true", help="with --gguf: replace the file if it exists")
     args = p.parse_args()
+    if args.gguf:
+        import export_gguf
+        dest, mf = export_gguf.export(args.out_dir, args.gguf, args.gguf_type, args.force, args.base, args.merge)
+        print(f"wrote {dest} ({args.gguf_type}) and {mf}")
+        return
+    if not args.dest:
+        raise UserError("--dest (the folder to write) is required, unless --gguf FILE")
     file = find_checkpoint(args.out_dir)
     ckpt = load_checkpoint(file)
     # the model (an adapter on its base), and the base's checkpoint: read and hash-checked once

@@ -24,7 +24,7 @@ import distributed
 from align import token_logps, train_questions, with_reference
 from chat_template import render_prompt
 from data_utils import UserError
-from evaluations import answer_metrics, held_out_questions
+from evaluations import answer_metrics, held_out_questions, question_type
 from generation import GREEDY, answer_batch, generate, left_padded, model_constraint
 from rewards import load_reward, score
 
@@ -65,10 +65,13 @@ def make_trainer(base):
             self.reward_fn = load_reward(c["grpo_reward"])
             room = self.raw_model.context_size - c["grpo_max_new_tokens"]
             asked = train_questions(c["data_dir"])
+            if c["grpo_question_types"] != "all":
+                kinds = {k.strip() for k in c["grpo_question_types"].replace("+", ",").split(",")}
+                asked = [x for x in asked if question_type(x[0]) in kinds]
             self.questions = [(q, ref, rec, ids) for q, ref, rec in asked
                               if len(ids := render_prompt(self.tok, [], q, self.template)) <= room]
             if not self.questions:
-                raise UserError(f"{c['data_dir']}: no train question leaves room for grpo_max_new_tokens="
+                raise UserError(f"{c['data_dir']}: no train question (of grpo_question_types) leaves room for grpo_max_new_tokens="
                                 f"{c['grpo_max_new_tokens']} in the model's {self.raw_model.context_size} positions")
             if c["grpo_prompts"] % self.run.world:
                 raise UserError(f"grpo_prompts={c['grpo_prompts']} must be divisible by the number of processes")

@@ -43,11 +43,14 @@ def method_label(result):
 
 
 def stage_label(result):
-    """Which stage of training made the checkpoint: pretraining, SFT, or DPO with its loss and beta."""
+    """Which stage of training made the checkpoint: pretraining, SFT, DPO or GRPO with its settings."""
     c = result.get("config") or {}
     if result.get("kind") == "dpo":
         rpo = f", rpo_alpha {c['rpo_alpha']:g}" if c.get("rpo_alpha") else ""
         return f"DPO ({c.get('dpo_loss', 'sigmoid')}, beta {c.get('beta', 0):g}{rpo})"
+    if result.get("kind") == "grpo":
+        return (f"GRPO ({c.get('grpo_prompts')} questions x {c.get('grpo_group')} answers, reward "
+                f"{c.get('grpo_reward')}, KL {c.get('grpo_kl', 0):g})")
     return {"pretrain": "pretraining", "sft": "SFT"}.get(result.get("kind"), str(result.get("kind")))
 
 

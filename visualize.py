@@ -8,7 +8,8 @@ Writes loss.png (train and val loss vs iteration, one panel per run kind: pretra
 SFT side by side, several runs of a kind overlaid with a legend) and curves.png (loss vs
 iteration and vs tokens, learning rate, tokens/s, and pretraining val bits per character,
 which compares across vocabularies where nats per token do not); for DPO runs also dpo.png
-(trl's reward metrics: chosen and rejected rewards, margin, accuracy).
+(trl's reward metrics: chosen and rejected rewards, margin, accuracy), for GRPO runs grpo.png
+(reward and its spread, flat groups, KL, entropy, answer length, dev pass@1).
 """
 import argparse
 import json
@@ -43,7 +44,7 @@ def read_run(run):
     if not train and not evals:
         raise UserError(f"{path}: empty log")
     modes = {r.get("mode") for r in train + evals}
-    kind = "DPO" if "dpo" in modes else "SFT" if "sft" in modes else "pretrain"
+    kind = "DPO" if "dpo" in modes else "GRPO" if "grpo" in modes else "SFT" if "sft" in modes else "pretrain"
     return {"name": str(Path(run)), "train": train, "eval": evals, "kind": kind}
 
 
@@ -75,7 +76,8 @@ def plot_runs(runs, out, log_y=False):
     for ax, kind in zip(axes[0], kinds):
         for run in (r for r in runs if r["kind"] == kind):
             plot_loss(ax, run, run["color"], log_y=log_y)
-        ax.set_title(f"{kind} loss" + {"SFT": " (answer tokens only)", "DPO": " (ln 2 = 0.693 at the start)"}.get(kind, ""))
+        ax.set_title(f"{kind} loss" + {"SFT": " (answer tokens only)", "DPO": " (ln 2 = 0.693 at the start)",
+                                       "GRPO": " (policy gradient; val: SFT answer loss)"}.get(kind, ""))
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)
     plt.close(fig)
@@ -109,8 +111,37 @@ def plot_runs(runs, out, log_y=False):
     fig.tight_layout()
     fig.savefig(out / "curves.png", dpi=120)
     plt.close(fig)
-    dpo_runs = [r for r in runs if r["kind"] == "DPO"]
-    return [out / "loss.png", out / "curves.png"] + ([plot_dpo(dpo_runs, out)] if dpo_runs else [])
+    dpo_runs, grpo_runs = ([r for r in runs if r["kind"] == k] for k in ("DPO", "GRPO"))
+    return [out / "loss.png", out / "curves.png"] + ([plot_dpo(dpo_runs, out)] if dpo_runs else []) + \
+        ([plot_grpo(grpo_runs, out)] if grpo_runs else [])
+
+
+def plot_grpo(runs, out):
+    """grpo.png: the reward (mean and its spread within groups), flat groups, KL and entropy,
+    answer length, and greedy pass@1 on the dev questions at each evaluation."""
+    fig, axes = plt.subplots(2, 3, figsize=(18, 8))
+    panels = [("reward", "mean reward (band: spread within groups)"), ("zero_spread_groups", "share of flat groups"),
+              ("kl", "KL to the reference (k3)"), ("entropy", "entropy of the answers (nats/token)"),
+              ("answer_tokens", "tokens per answer")]
+    for run in runs:
+        it = [r["iter"] for r in run["train"]]
+        for ax, (key, title) in zip(axes.flat, panels):
+            ax.plot(it, [r[key] for r in run["train"]], color=run["color"], label=run["name"])
+            ax.set(title=title, xlabel="iteration")
+        mean, std = [r["reward"] for r in run["train"]], [r["reward_std"] for r in run["train"]]
+        axes[0, 0].fill_between(it, [m - s for m, s in zip(mean, std)], [m + s for m, s in zip(mean, std)],
+                                color=run["color"], alpha=0.2)
+        for key in sorted({k for e in run["eval"] for k in e if k.startswith("dev_pass@1_")}):
+            points = [e for e in run["eval"] if key in e]
+            axes[1, 2].plot([e["iter"] for e in points], [e[key] for e in points], "o-", label=f"{run['name']} {key[11:]}")
+    axes[1, 2].set(title="greedy pass@1 on dev questions (key facts)", xlabel="iteration")
+    for ax in axes.flat:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "grpo.png", dpi=120)
+    plt.close(fig)
+    return out / "grpo.png"
 
 
 def plot_dpo(runs, out):

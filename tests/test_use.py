@@ -204,3 +204,9 @@ def test_demo_smoke_runs_every_step_and_leaves_tracked_files_alone(tmp_path):
     assert (sft / "eval.json").exists() and (sft / "loss.png").exists() and "## Evaluation" in (sft / "report.md").read_text()
     assert {p: (ROOT / p).read_bytes() for p in before} == before
     assert subprocess.run(["git", "ls-files", "-s", "docs"], cwd=ROOT, capture_output=True, text=True).stdout == tracked
+    for stage, label in (("dpo", "DPO (sigmoid, beta 0.1)"), ("grpo", "GRPO (8 questions x 8 answers")):
+        # the third stage on the same models: --align, its report naming the stage and showing its curves
+        proc = run_script("demo.py", "--smoke", "--out", tmp_path / "out", "--reuse_pretrain", "--reuse_sft",
+                          f"--align={stage}", timeout=600)
+        report = (tmp_path / "out" / f"tiny-{stage}" / "report.md").read_text()
+        assert "all done" in proc.stdout and f"| stage | {label}" in report and f"![{stage}]({stage}.png)" in report

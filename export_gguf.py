@@ -1,0 +1,183 @@
+"""
+Export a checkpoint as one GGUF file, for llama.cpp, llama-cpp-python, Ollama and LM Studio;
+and an Ollama Modelfile beside it.
+
+  python export_gguf.py --out_dir=out/tiny-sft --dest=out/tiny-sft.gguf            # f32
+  python export_gguf.py --out_dir=out/tiny-sft --dest=out/tiny-sft-q8.gguf --type=q8_0
+  python export_hf.py --out_dir=out/tiny-sft --gguf=out/tiny-sft.gguf               # the same, from export_hf
+  ollama create tiny-sft -f out/tiny-sft.Modelfile && ollama run tiny-sft "《静夜思》的作者是谁?"
+
+Written with the `gguf` package's writer (llama.cpp's own Python library), from the project's
+own files: the weights as llama.cpp's GPT-NeoX (rotary positions: the demo's model) or GPT-2
+(learned positions) architecture, every bias (zero where model.py has none) and a separate output
+matrix (the tied embedding written twice), as those loaders want; the tokenizer (tokens, merges,
+pre-tokenizer 'gpt-2', whose split pattern the project's BPE uses, and the end-of-text ids, which
+llama.cpp would otherwise take as 11); the chat template (Jinja, as export_hf writes it), the
+context length and the rotary base. f32, f16 or q8_0 (2-D weights; norms and biases stay f32).
+A LoRA adapter is folded in with --merge (the file is one model); a P-Tuning prefix has no place in GGUF.
+Note: llama.cpp's GELU is the tanh approximation, model.py's the exact one (the logits differ a
+little: tests/test_gguf.py states by how much).
+"""
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+from adapters import merge_lora
+from chat_template import PREFIX
+from checkpoint import find_checkpoint, load_checkpoint, open_checkpoint
+from data_utils import UserError, atomic_write, run_cli
+from export_hf import byte_level, chat_template_jinja, merges_of, neox_state_dict, state_dict_with_biases
+from generation import DEFAULT_DECODING, model_template
+from tokenizer import SPECIALS
+
+TYPES = ("f32", "f16", "q8_0")
+NEOX = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "attention.query_key_value": "attn_qkv",
+        "attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
+GPT2 = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+        "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+
+
+def gguf_tensors(model):
+    """{GGUF name: float32 array} in llama.cpp's layout (nn.Linear's (out, in))."""
+    rope = model.config.rope
+    sd = neox_state_dict(model) if rope else state_dict_with_biases(model)
+    out = {}
+    for name, t in sd.items():
+        parts = name.split(".")
+        if name in ("gpt_neox.embed_in.weight", "transformer.wte.weight"):
+            new = "token_embd.weight"
+        elif name == "transformer.wpe.weight":
+            new = "position_embd.weight"
+        elif name in ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "transformer.ln_f.weight",
+                      "transformer.ln_f.bias"):
+            new = f"output_norm.{parts[-1]}"
+        elif name == "lm_head.weight":
+            new = "output.weight"
+        else:
+            new = f"blk.{parts[2]}.{(NEOX if rope else GPT2)['.'.join(parts[3:-1])]}.{parts[-1]}"
+        out[new] = t.detach().float().contiguous().numpy()
+    return out
+
+
+def tokenizer_fields(tok, vocab_size):
+    """(tokens, token types, merges) as llama.cpp's 'gpt2' BPE reads them: byte-level strings."""
+    import gguf
+    ranks = {t: i for i, t in enumerate(tok.token_bytes[:tok.eot])}
+    tokens = [byte_level(t) for t in tok.token_bytes[:tok.eot]] + ["<|endoftext|>", *SPECIALS]
+    types = [gguf.TokenType.NORMAL] * tok.eot + [gguf.TokenType.CONTROL] * (1 + len(SPECIALS))
+    tokens += [f"[PAD{i}]" for i in range(len(tokens), vocab_size)]  # the model's padded slots, never written
+    types += [gguf.TokenType.UNUSED] * (vocab_size - len(types))
+    return tokens, types, [f"{a} {b}" for a, b in merges_of(ranks)]
+
+
+def modelfile(gguf_name, template, context):
+    """An Ollama Modelfile: the file, the chat template in Ollama's Go syntax, stops, decoding."""
+    if template == "chatml":
+        turns = ('{{- range .Messages }}<|im_start|>{{ if eq .Role "tool" }}tool{{ else }}{{ .Role }}{{ end }}\n'
+                 '{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n')
+        stops = ["<|im_end|>", "<|endoftext|>"]
+    else:
+        turns = ('{{- range .Messages }}{{ if eq .Role "system" }}' + PREFIX["system"] + '{{ .Content }}\n'
+                 '{{ else if eq .Role "user" }}' + PREFIX["user"] + '{{ .Content }}\n'
+                 '{{ else if eq .Role "assistant" }}' + PREFIX["assistant"] + '{{ .Content }}<|endoftext|>'
+                 '{{ end }}{{ end }}' + PREFIX["assistant"])
+        stops = ["<|endoftext|>"]
+    d = DEFAULT_DECODING
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{turns}"""', *(f'PARAMETER stop "{s}"' for s in stops),
+             f"PARAMETER temperature {d.get('temperature') or 0}", f"PARAMETER repeat_penalty {d['repetition_penalty']}",
+             "PARAMETER repeat_last_n -1", f"PARAMETER num_ctx {context}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_gguf(model, tok, ckpt, dest, qtype="f32"):
+    import gguf
+    c, template = model.config, model_template(ckpt)
+    arch = "gptneox" if c.rope else "gpt2"
+    w = gguf.GGUFWriter(str(dest), arch)
+    w.add_name(Path(str(dest)).name.split(".")[0])
+    w.add_context_length(model.context_size)
+    w.add_embedding_length(c.n_embd)
+    w.add_block_count(c.n_layer)
+    w.add_feed_forward_length(4 * c.n_embd)
+    w.add_head_count(c.n_head)
+    w.add_layer_norm_eps(1e-5)
+    if c.rope:
+        w.add_rope_dimension_count(c.n_embd // c.n_head)  # every dimension rotates (partial_rotary_factor 1)
+        w.add_rope_freq_base(10000.0)
+        w.add_parallel_residual(False)
+    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[qtype])
+    tokens, types, merges = tokenizer_fields(tok, c.vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(tok.eot)
+    w.add_eos_token_id(tok.eot)
+    w.add_pad_token_id(tok.eot)
+    if template == "chatml":
+        w.add_eot_token_id(tok.im_end)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(chat_template_jinja(template))
+    for name, t in gguf_tensors(model).items():
+        if t.ndim == 2 and qtype == "q8_0" and name != "position_embd.weight":
+            w.add_tensor(name, gguf.quants.quantize(t, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, t.astype(np.float16) if t.ndim == 2 and qtype == "f16" else t)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def export(out_dir, dest, qtype="f32", force=False, base=None, merge=False):
+    """Write dest (.gguf) and dest's .Modelfile beside it; returns their paths."""
+    if qtype not in TYPES:
+        raise UserError(f"--type must be one of {', '.join(TYPES)}, got {qtype!r}")
+    dest = Path(dest)
+    modelfile_path = dest.with_suffix(".Modelfile")
+    if dest.exists() and not force:
+        raise UserError(f"{dest} exists: give another --dest, or --force to replace it")
+    file = find_checkpoint(out_dir)
+    ckpt = load_checkpoint(file)
+    model, tok, _ = open_checkpoint(ckpt, file, base=base)
+    adapter = (ckpt.get("adapter") or {}).get("method")
+    if adapter == "ptuning":
+        raise UserError(f"{out_dir}: a P-Tuning v2 prefix has no place in GGUF (no weight to fold it into; only a "
+                        f"LoRA adapter is, with --merge): export it with export_hf.py for peft")
+    if adapter == "lora" and not merge:
+        raise UserError(f"{out_dir}: a LoRA adapter; GGUF holds one model: add --merge to fold it into the weights")
+    if tok.kind == "trimmed":
+        raise UserError(f"the trimmed vocabulary {tok.name} cannot be written as a GGUF tokenizer exactly (it spells "
+                        f"GPT-2 tokens it lacks as bytes): export a model trained with vocab='bpe' or vocab='gpt2'")
+    if adapter == "lora":
+        merge_lora(model)
+    model.eval()
+    tmp = dest.with_name(dest.name + ".tmp")
+    write_gguf(model, tok, ckpt, tmp, qtype)
+    tmp.replace(dest)  # whole or not at all
+    atomic_write(modelfile_path, lambda f: f.write(modelfile(dest.name, model_template(ckpt), model.context_size)),
+                 mode="w")
+    return dest, modelfile_path
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out_dir", default="out/tiny-sft", help="a training out_dir (its best.pt) or a .pt file")
+    p.add_argument("--dest", required=True, help="the .gguf file to write (a .Modelfile for Ollama goes beside it)")
+    p.add_argument("--type", default="f32", help=f"weights: {', '.join(TYPES)}")
+    p.add_argument("--force", action="store_true", help="replace dest if it exists")
+    p.add_argument("--base", help="for a LoRA adapter: its base checkpoint, if not where it was trained")
+    p.add_argument("--merge", action="store_true", help="a LoRA adapter: fold it into the weights (required)")
+    args = p.parse_args()
+    dest, mf = export(args.out_dir, args.dest, args.type, args.force, args.base, args.merge)
+    print(f"wrote {dest} ({dest.stat().st_size / 2**20:.1f} MiB, {args.type}) and {mf}; run it with llama.cpp "
+          f"(llama-cli -m {dest}) or Ollama (ollama create NAME -f {mf})")
+
+
+if __name__ == "__main__":
+    run_cli(main)
