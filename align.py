@@ -149,11 +149,11 @@ def adapter_off(model):
 
 
 def trainer_class(base, stage):
-    """train.Trainer, or the subclass that runs an alignment stage."""
+    """train.Trainer, or train.Trainer with the mixin that runs an alignment stage."""
     if stage == "grpo":
         import grpo  # (its rewards import the evaluation metrics: only when asked for)
-        return grpo.make_trainer(base)
-    return make_trainer(base) if stage == "dpo" else base
+        return type("GRPOTrainer", (grpo.GRPOMixin, base), {})
+    return type("DPOTrainer", (DPOMixin, base), {}) if stage == "dpo" else base
 
 
 def train_questions(sft_data):
@@ -209,123 +209,102 @@ def check_kind(c, kind, ckpt):
                         f"not stage={c['stage']!r}")
 
 
-def with_reference(base):
-    """train.Trainer plus the frozen reference model of the alignment stages (DPO, GRPO)."""
+class ReferenceMixin:
+    """For train.Trainer: the frozen reference model of the alignment stages (DPO, GRPO)."""
 
-    class ReferenceTrainer(base):
-        def build_model(self):
-            resumed = self.c["init_from"] == "resume"
-            super().build_model()  # (checks the data fits the stage: check_kind)
-            if self.adapter:
-                self.reference, self.reference_info = None, None
-                return
-            # the reference is the run's starting model: on resume, that checkpoint again
-            path = Path(self.ckpt["reference"]["path"]) if resumed else Path(self.c["init_from"])
-            ref_ckpt = load_checkpoint(path)
-            self.reference = model_from_checkpoint(ref_ckpt).to(self.run.device).eval().requires_grad_(False)
-            self.reference_info = {"path": str(path), "sha256": file_sha256(path)}
-            if resumed and self.reference_info["sha256"] != self.ckpt["reference"]["sha256"]:
-                raise UserError(f"{path}: the reference model changed since the run started (its sha256 differs)")
+    def build_model(self):
+        resumed = self.c["init_from"] == "resume"
+        super().build_model()  # (checks the data fits the stage: check_kind)
+        if self.adapter:
+            self.reference, self.reference_info = None, None
+            return
+        # the reference is the run's starting model: on resume, that checkpoint again
+        path = Path(self.ckpt["reference"]["path"]) if resumed else Path(self.c["init_from"])
+        ref_ckpt = load_checkpoint(path)
+        self.reference = model_from_checkpoint(ref_ckpt).to(self.run.device).eval().requires_grad_(False)
+        self.reference_info = {"path": str(path), "sha256": file_sha256(path)}
+        if resumed and self.reference_info["sha256"] != self.ckpt["reference"]["sha256"]:
+            raise UserError(f"{path}: the reference model changed since the run started (its sha256 differs)")
 
-        def metadata(self, state):
-            return dict(super().metadata(state), reference=self.reference_info)
+    def metadata(self, state):
+        return dict(super().metadata(state), reference=self.reference_info)
 
-        @torch.no_grad()
-        def reference_logps(self, batch, per_token=False):
-            """The reference's log-probabilities of the batch's trained tokens: summed per row, or
-            each token's (token_logps). Under an adapter: the model with it switched off."""
-            with adapter_off(self.raw_model) if self.reference is None else nullcontext():
-                model = self.raw_model if self.reference is None else self.reference
-                return token_logps(model, batch)[0] if per_token else sequence_logps(model, batch)[0]
-
-    return ReferenceTrainer
+    @torch.no_grad()
+    def reference_logps(self, batch, per_token=False):
+        """The reference's log-probabilities of the batch's trained tokens: summed per row, or
+        each token's (token_logps). Under an adapter: the model with it switched off."""
+        with adapter_off(self.raw_model) if self.reference is None else nullcontext():
+            model = self.raw_model if self.reference is None else self.reference
+            return token_logps(model, batch)[0] if per_token else sequence_logps(model, batch)[0]
 
 
-def make_trainer(base):
-    """train.Trainer with DPO's data, reference, step and evaluation (built here to keep the
-    base trainer's file about pretraining and SFT)."""
 
-    class DPOTrainer(with_reference(base)):
-        def build_model(self):
-            super().build_model()
-            self.block = 2 * (self.data.row_len - 1)  # the chosen and the rejected row of a pair
+class DPOMixin(ReferenceMixin):
+    """For train.Trainer: DPO's data, step and evaluation (here, to keep train.py about
+    pretraining and SFT)."""
 
-        def logps(self, model, batch):
-            """The policy's (with grad) and the reference's (none) summed log-probabilities."""
-            logps, counts = sequence_logps(model, batch)
-            return logps, self.reference_logps(batch), counts
+    def build_model(self):
+        super().build_model()
+        self.block = 2 * (self.data.row_len - 1)  # the chosen and the rejected row of a pair
 
-        def loss(self, model, batch):
-            c = self.c
-            return dpo_loss(*self.logps(model, batch), c["beta"], c["dpo_loss"], c["rpo_alpha"])
+    def logps(self, model, batch):
+        """The policy's (with grad) and the reference's (none) summed log-probabilities."""
+        logps, counts = sequence_logps(model, batch)
+        return logps, self.reference_logps(batch), counts
 
-        def train_step(self, lr):
-            c, run, model = self.c, self.run, self.model
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr * group.get("lr_scale", 1.0)
-            pairs = self.data.sample_rows("train", c["gradient_accumulation_steps"] * c["batch_size"], self.data_gen)
-            my_pairs = pairs.view(run.local_accum, run.world, run.local_batch)[:, run.rank]
-            for micro in range(run.local_accum):
-                batch = self.data.load("train", my_pairs[micro], run.device)
-                with distributed.micro_step(model, run, micro == run.local_accum - 1, c["reshard_after_forward"]), run.amp:
-                    loss, metrics = self.loss(model, batch)
-                    loss = loss / run.local_accum
-                self.scaler.scale(loss).backward()
-                self.running_loss += loss.detach()
-                self.metric_sums += metrics / run.local_accum
-            if c["grad_clip"] > 0:
-                self.scaler.unscale_(self.optimizer)
-                self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            if self.held is None:
-                self.held = distributed.held_bytes(model, self.optimizer)
-            self.optimizer.zero_grad(set_to_none=True)
+    def loss(self, model, batch):
+        c = self.c
+        return dpo_loss(*self.logps(model, batch), c["beta"], c["dpo_loss"], c["rpo_alpha"])
 
-        def log(self, record, line):
-            """Each train and eval record gains DPO's metrics (trl's names)."""
-            if record["kind"] == "train":
-                means = distributed.all_mean(self.metric_sums, self.run) / self.iters_logged()
-                record.update(zip(METRICS, means.tolist()), grad_norm=float(getattr(self, "grad_norm", 0.0)))
-                line += f", reward acc {record['rewards/accuracies']:.2f}, margin {record['rewards/margins']:.3f}"
-                self.metric_sums.zero_()
-            elif record["kind"] == "eval" and self.val_metrics is not None:
-                record.update({f"val_{k}": v for k, v in zip(METRICS, self.val_metrics.tolist())})
-                line += f", val reward acc {self.val_metrics[2]:.2f}, margin {self.val_metrics[3]:.3f}"
-            super().log(record, line)
+    def step_loss(self, model, batch):
+        """A micro-step's DPO loss (train.Trainer.train_step runs the rest); its metrics are summed."""
+        loss, metrics = self.loss(model, batch)
+        self.metric_sums += metrics / self.run.local_accum
+        return loss
 
-        def iters_logged(self):
-            return max(1, self.iter_num - self.last_logged)
+    def log(self, record, line):
+        """Each train and eval record gains DPO's metrics (trl's names)."""
+        if record["kind"] == "train":
+            means = distributed.all_mean(self.metric_sums, self.run) / self.iters_logged()
+            record.update(zip(METRICS, means.tolist()), grad_norm=float(getattr(self, "grad_norm", 0.0)))
+            line += f", reward acc {record['rewards/accuracies']:.2f}, margin {record['rewards/margins']:.3f}"
+            self.metric_sums.zero_()
+        elif record["kind"] == "eval" and self.val_metrics is not None:
+            record.update({f"val_{k}": v for k, v in zip(METRICS, self.val_metrics.tolist())})
+            line += f", val reward acc {self.val_metrics[2]:.2f}, margin {self.val_metrics[3]:.3f}"
+        super().log(record, line)
 
-        @torch.no_grad()
-        def estimate_loss(self):
-            """DPO loss over eval_iters batches of pairs per split, and the val pairs' metrics."""
-            c, run = self.c, self.run
-            self.model.eval()
-            out = {}
-            for split in ("train", "val"):
-                n = min(c["eval_iters"] * c["batch_size"], self.data.num_rows(split))
-                pairs = torch.arange(self.data.num_rows(split))[:n]
-                total = torch.zeros(2 + len(METRICS), device=run.device)
-                for chunk in pairs.split(c["batch_size"])[run.rank::run.world]:
-                    with run.amp:
-                        loss, metrics = self.loss(self.raw_model, self.data.load(split, chunk, run.device))
-                    total += torch.cat([torch.stack([loss.float() * len(chunk), torch.tensor(float(len(chunk)))]),
-                                        metrics * len(chunk)])
-                if run.dist:
-                    torch.distributed.all_reduce(total)
-                out[split] = (total[0] / total[1]).item()
-                self.val_metrics = total[2:] / total[1]
-            self.model.train()
-            return out
+    def iters_logged(self):
+        return max(1, self.iter_num - self.last_logged)
 
-        def train(self):
-            self.metric_sums = torch.zeros(len(METRICS), device=self.run.device)
-            self.val_metrics, self.last_logged = None, self.iter_num
-            super().train()
+    @torch.no_grad()
+    def estimate_loss(self):
+        """DPO loss over eval_iters batches of pairs per split, and the val pairs' metrics."""
+        c, run = self.c, self.run
+        self.model.eval()
+        out = {}
+        for split in ("train", "val"):
+            n = min(c["eval_iters"] * c["batch_size"], self.data.num_rows(split))
+            pairs = torch.arange(self.data.num_rows(split))[:n]
+            total = torch.zeros(2 + len(METRICS), device=run.device)
+            for chunk in pairs.split(c["batch_size"])[run.rank::run.world]:
+                with run.amp:
+                    loss, metrics = self.loss(self.raw_model, self.data.load(split, chunk, run.device))
+                total += torch.cat([torch.stack([loss.float() * len(chunk), torch.tensor(float(len(chunk)))]),
+                                    metrics * len(chunk)])
+            if run.dist:
+                torch.distributed.all_reduce(total)
+            out[split] = (total[0] / total[1]).item()
+            self.val_metrics = total[2:] / total[1]
+        self.model.train()
+        return out
 
-        def log_steps(self, lr, iters, dt):
-            super().log_steps(lr, iters, dt)
-            self.last_logged = self.iter_num
+    def train(self):
+        self.metric_sums = torch.zeros(len(METRICS), device=self.run.device)
+        self.val_metrics, self.last_logged = None, self.iter_num
+        super().train()
 
-    return DPOTrainer
+    def log_steps(self, lr, iters, dt):
+        super().log_steps(lr, iters, dt)
+        self.last_logged = self.iter_num
+

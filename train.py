@@ -53,8 +53,7 @@ DEFAULTS = dict(
     # (data_dir's trained BPE: ~2.4x fewer tokens per Chinese character than GPT-2)
     vocab="gpt2",
     vocab_size=8192,  # vocab='bpe': which of data_dir's BPEs (prepare.py --bpe_vocab_size); the others ignore it
-    # batch: batch_size rows per micro-step, gradient_accumulation_steps micro-steps per
-    # iteration in total (divided among DDP processes)
+    # batch_size rows per micro-step, gradient_accumulation_steps micro-steps per iteration (all processes)
     batch_size=16, gradient_accumulation_steps=4,
     # AdamW and the cosine schedule; muon_lr > 0: Muon at that lr for the blocks' matrices
     learning_rate=6e-4, max_iters=5000, weight_decay=0.1, beta1=0.9, beta2=0.95, grad_clip=1.0, muon_lr=0.0,
@@ -69,8 +68,7 @@ DEFAULTS = dict(
     compile_mode="default",  # torch.compile's mode: default | max-autotune | max-autotune-no-cudagraphs | ...
     # rows per chunk of the fused output layer + loss (model.LinearCrossEntropy); 0 = the plain
     # full-logits loss; 'auto' = 512 on the CPU (measured faster), 0 on CUDA until measured there
-    loss_chunk_rows="auto",
-    backend="auto",  # DDP: nccl on CUDA, gloo on CPU
+    loss_chunk_rows="auto", backend="auto",  # backend (DDP): nccl on CUDA, gloo on CPU
     # 'ddp': each process holds the whole model; 'fsdp': FSDP2 shards weights, gradients and optimizer
     # state (docs/training.md); reshard_after_forward True = ZeRO-3-like, False = ZeRO-2-like
     parallel="ddp", reshard_after_forward=True,
@@ -310,8 +308,7 @@ class Trainer:
         for micro in range(run.local_accum):
             last = micro == run.local_accum - 1
             with distributed.micro_step(model, run, last, c["reshard_after_forward"]), run.amp:
-                _, loss = model(batch["x"], batch["y"], batch.get("loss_mask"), batch.get("segment_ids"))
-                loss = loss / run.local_accum
+                loss = self.step_loss(model, batch) / run.local_accum
             if self.kind == "sft":
                 self.trained_tokens += batch["loss_mask"].sum()
             if not last:  # load the next micro-batch while the device works on this one
@@ -320,12 +317,15 @@ class Trainer:
             self.running_loss += loss.detach()
         if c["grad_clip"] > 0:
             self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])  # (frozen weights have no grad)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), c["grad_clip"])  # (frozen: no grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.held is None:  # what this process holds, measured once with the gradients there
             self.held = distributed.held_bytes(model, self.optimizer)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def step_loss(self, model, batch):  # (align.DPOMixin's is DPO's)
+        return model(batch["x"], batch["y"], batch.get("loss_mask"), batch.get("segment_ids"))[1]
 
     def log_steps(self, lr, iters, dt):
         """The log line of the last `iters` iterations, which took dt seconds each."""

@@ -135,13 +135,7 @@ def plot_grpo(runs, out):
             points = [e for e in run["eval"] if key in e]
             axes[1, 2].plot([e["iter"] for e in points], [e[key] for e in points], "o-", label=f"{run['name']} {key[11:]}")
     axes[1, 2].set(title="greedy pass@1 on dev questions (key facts)", xlabel="iteration")
-    for ax in axes.flat:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "grpo.png", dpi=120)
-    plt.close(fig)
-    return out / "grpo.png"
+    return save_panels(fig, axes.flat, out / "grpo.png")
 
 
 def plot_dpo(runs, out):
@@ -158,12 +152,17 @@ def plot_dpo(runs, out):
     for ax, title in zip(axes, ("rewards: beta x (log pi - log ref), chosen and rejected", "reward margin",
                                 "reward accuracy (chosen > rejected)")):
         ax.set(title=title, xlabel="iteration")
+    return save_panels(fig, axes, out / "dpo.png")
+
+
+def save_panels(fig, axes, path):
+    for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "dpo.png", dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return out / "dpo.png"
+    return path
 
 
 def main():

@@ -149,7 +149,7 @@ def test_bad_grpo_input_is_one_line(tiny_runs, tiny_sft_data, tmp_path):
     cases = [(["--grpo_group=1"], "grpo_group must be at least 2"),
              (["--init_from=scratch"], "stage='grpo' improves a trained model"),
              (["--grpo_reward=no_such_module:f"], "cannot import 'no_such_module'"),
-             (["--grpo_max_new_tokens=64"], "no train question leaves room for grpo_max_new_tokens=64"),
+             (["--grpo_max_new_tokens=64"], "leaves room for grpo_max_new_tokens=64 in the model's 64 positions"),
              (["--grpo_reward=test_grpo:nan_reward"], "the reward function returned nan, not a finite number (prompt")]
     for extra, message in cases:
         with pytest.raises(UserError) as e:
