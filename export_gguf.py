@@ -27,35 +27,26 @@ from adapters import merge_lora
 from chat_template import PREFIX
 from checkpoint import find_checkpoint, load_checkpoint, open_checkpoint
 from data_utils import UserError, atomic_write, run_cli
-from export_hf import byte_level, chat_template_jinja, merges_of, neox_state_dict, state_dict_with_biases
+from export_hf import byte_level, chat_template_jinja, merges_of, state_dict_with_biases
 from generation import DEFAULT_DECODING, model_template
 from tokenizer import SPECIALS
 
 TYPES = ("f32", "f16", "q8_0")
-NEOX = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "attention.query_key_value": "attn_qkv",
-        "attention.dense": "attn_output", "mlp.dense_h_to_4h": "ffn_up", "mlp.dense_4h_to_h": "ffn_down"}
-GPT2 = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
-        "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+BLOCK = {"ln_1": "attn_norm", "ln_2": "ffn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+         "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}  # model.py's names in a block → llama.cpp's
 
 
 def gguf_tensors(model):
-    """{GGUF name: float32 array} in llama.cpp's layout (nn.Linear's (out, in))."""
-    rope = model.config.rope
-    sd = neox_state_dict(model) if rope else state_dict_with_biases(model)
+    """{GGUF name: float32 array} in llama.cpp's layout: nn.Linear's (out, in), and the fused qkv
+    as all queries, all keys, all values, which is model.py's own (llama.cpp's GPT-NeoX converter
+    undoes Hugging Face's head-by-head interleaving: export_hf.neox_state_dict's, not used here)."""
+    names = {"transformer.wte.weight": "token_embd.weight", "transformer.wpe.weight": "position_embd.weight",
+             "transformer.ln_f.weight": "output_norm.weight", "transformer.ln_f.bias": "output_norm.bias",
+             "lm_head.weight": "output.weight"}
     out = {}
-    for name, t in sd.items():
+    for name, t in state_dict_with_biases(model).items():
         parts = name.split(".")
-        if name in ("gpt_neox.embed_in.weight", "transformer.wte.weight"):
-            new = "token_embd.weight"
-        elif name == "transformer.wpe.weight":
-            new = "position_embd.weight"
-        elif name in ("gpt_neox.final_layer_norm.weight", "gpt_neox.final_layer_norm.bias", "transformer.ln_f.weight",
-                      "transformer.ln_f.bias"):
-            new = f"output_norm.{parts[-1]}"
-        elif name == "lm_head.weight":
-            new = "output.weight"
-        else:
-            new = f"blk.{parts[2]}.{(NEOX if rope else GPT2)['.'.join(parts[3:-1])]}.{parts[-1]}"
+        new = names.get(name) or f"blk.{parts[2]}.{BLOCK['.'.join(parts[3:-1])]}.{parts[-1]}"
         out[new] = t.detach().float().contiguous().numpy()
     return out
 
@@ -163,6 +154,26 @@ def export(out_dir, dest, qtype="f32", force=False, base=None, merge=False):
     atomic_write(modelfile_path, lambda f: f.write(modelfile(dest.name, model_template(ckpt), model.context_size)),
                  mode="w")
     return dest, modelfile_path
+
+
+def open_in_llama_cpp(path, n_ctx, threads=2, **kwargs):
+    """llama_cpp.Llama on a GGUF file, with llama.cpp's extra buffer types off: its AMX repacking of
+    q8_0 weights crashed (SIGSEGV) on the 2-core Sapphire Rapids machine this was tested on
+    (llama-cpp-python 0.3.36); without it q8_0 runs on the plain CPU path. llama-cpp-python has no
+    argument for it, so its default model parameters are wrapped for this call."""
+    import llama_cpp
+    import llama_cpp.llama as module
+    default = module.llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+    module.llama_cpp.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, verbose=False, **kwargs)
+    finally:
+        module.llama_cpp.llama_model_default_params = default
 
 
 def main():

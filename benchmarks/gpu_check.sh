@@ -33,6 +33,12 @@ python3 data/prepare_sft.py --vocab="$OUT/pretrain" --out_dir="$OUT/sft-data"
 python3 train.py config/sft_config.py --init_from="$OUT/pretrain/best.pt" --data_dir="$OUT/sft-data" --max_iters=200 \
   --out_dir="$OUT/sft"
 python3 sample.py --out_dir="$OUT/sft" --chat --start="《静夜思》的作者是谁?" --max_new_tokens=60
+echo "== the third stage on the 45M SFT model: DPO on its own answers, then GRPO (not yet measured on a GPU)"
+python3 data/prepare_pairs.py --vocab="$OUT/sft" --on_policy --sft_data="$OUT/sft-data" --block_size=512 \
+  --out_dir="$OUT/pairs"
+python3 train.py config/dpo_config.py --init_from="$OUT/sft/best.pt" --data_dir="$OUT/pairs" --out_dir="$OUT/dpo"
+python3 train.py config/grpo_config.py --init_from="$OUT/sft/best.pt" --data_dir="$OUT/sft-data" --max_iters=50 \
+  --out_dir="$OUT/grpo"
 echo "== the OpenAI-compatible server under load: the SFT model above"
 python3 benchmarks/bench_serve.py --out_dir="$OUT/sft" --sft_data="$OUT/sft-data" --device=cuda
 echo "== generation: decode modes at batch 1 and 32 (the SFT model above)"

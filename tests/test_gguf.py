@@ -11,14 +11,17 @@ import torch
 import train
 from checkpoint import load_model
 from conftest import TINY, make_sft_data, run_script
+from export_gguf import open_in_llama_cpp
 from export_hf import chat_template_jinja
-from generation import generate
+from chat_template import render_prompt
+from generation import answer, generate, model_template
 
 PROMPTS = ["问:《静夜思》的作者是谁?\n答:", "问:请背诵《春晓》。\n答:", "床前明月光，", "Hello, world! 🙂",
            "问:“白日依山尽”的下一句是什么?\n答:"]
-TEXTS = ["床前明月光，疑是地上霜。", "The quick brown fox, 1234!", "emoji 🙂🎉 and 中文", "<|endoftext|>问:好\n答:",
-         "<|im_start|>user\n你好<|im_end|>\n"]
-# llama.cpp's GELU is the tanh approximation (model.py's is exact); q8_0 rounds the weights too
+TEXTS = ["床前明月光，疑是地上霜。", "The quick brown fox, 1234!", "emoji 🙂🎉 and 中文", "问:《春晓》的作者是谁?\n答:",
+         "系统:你是诗人。\n问:你好\n答:"]
+# of the largest |logit|: llama.cpp's GELU is the tanh approximation (model.py's is exact) and its KV
+# cache is f16 (measured on the demo's model: 0.07%); q8_0 rounds the weights too (2.4%)
 TOLERANCE = {"f32": 2e-3, "q8_0": 5e-2}
 
 
@@ -95,18 +98,21 @@ def test_bad_exports_are_one_line(tiny_runs, vocab_runs, models, corpus_docs, tm
 
 @pytest.fixture(scope="module")
 def llama(exported):
-    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
-                                                        "(pip install -r requirements-gguf.txt compiles llama.cpp)")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed "
+                                             "(pip install -r requirements-gguf.txt compiles llama.cpp)")
     arch, run, files = exported
-    return {q: llama_cpp.Llama(model_path=str(f), n_ctx=0, logits_all=True, verbose=False, n_threads=2, seed=0)
-            for q, f in files.items()}, load_model(run)
+    model = load_model(run)
+    return {q: open_in_llama_cpp(f, model[0].context_size, logits_all=True, seed=0) for q, f in files.items()}, model
 
 
 def test_llama_cpp_tokenizes_as_the_project(llama):
     llms, (model, tok, _) = llama
     for text in TEXTS:
-        ours = tok.encode(text, allowed_special="all") if "<|" in text else tok.encode(text)
-        assert llms["f32"].tokenize(text.encode(), add_bos=False, special=True) == ours, text
+        assert llms["f32"].tokenize(text.encode(), add_bos=False, special=True) == tok.encode(text), text
+    # the template's special tokens: one id each, the project's (which its encoder never makes of text)
+    for text, want in (("<|endoftext|>", tok.eot), ("<|im_start|>", tok.im_start), ("<|im_end|>", tok.im_end)):
+        assert llms["f32"].tokenize(text.encode(), add_bos=False, special=True) == [want]
+        assert llms["f32"].detokenize([want], special=True) == text.encode()
 
 
 @pytest.mark.parametrize("qtype", ["f32", "q8_0"])
@@ -138,15 +144,18 @@ def test_llama_cpp_logits_and_greedy_tokens(llama, qtype):
 
 
 def test_llama_cpp_chat_answers_as_sample_py(llama, exported):
+    """llama-cpp-python's chat: its Jinja rendering of the GGUF's template gives the project's prompt
+    ids, and create_chat_completion's greedy answer is the project's (sample.py --chat's code path,
+    generation.answer, greedy without penalties or constraint)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
     llms, (model, tok, meta) = llama
-    _, run, _ = exported
-    if meta.get("kind") != "sft":
-        pytest.skip("a pretrained model has no chat")
-    question = "《静夜思》的作者是谁?"
-    ours = run_script("sample.py", f"--out_dir={run}", f"--start={question}", "--chat", "--temperature=0", "--constrain=off",
-                      "--repetition_penalty=1.0", "--no_repeat_ngram=0", "--max_new_tokens=24", check=False)
-    theirs = llms["f32"].create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0,
-                                                top_k=1, repeat_penalty=1.0, max_tokens=24)
-    answer = theirs["choices"][0]["message"]["content"]
-    assert ours.returncode == 0, ours.stderr
-    assert answer.strip() and answer.strip() in ours.stdout, (answer, ours.stdout)
+    llm, question = llms["f32"], "《静夜思》的作者是谁?"
+    messages = [{"role": "user", "content": question}]
+    prompt = Jinja2ChatFormatter(template=llm.metadata["tokenizer.chat_template"], eos_token="<|endoftext|>",
+                                 bos_token="<|endoftext|>", add_generation_prompt=True)(messages=messages).prompt
+    assert llm.tokenize(prompt.encode(), add_bos=False, special=True) == render_prompt(tok, [], question,
+                                                                                       model_template(meta))
+    ours = "".join(answer(model, tok, [], question, max_new_tokens=24, temperature=0, repetition_penalty=1.0,
+                          no_repeat_ngram=0))
+    theirs = llm.create_chat_completion(messages=messages, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=24)
+    assert theirs["choices"][0]["message"]["content"] == ours
