@@ -16,7 +16,6 @@ same model with its adapter switched off, as trl does with a peft model: no seco
 log.jsonl gets trl's metric names: rewards/chosen, rewards/rejected (beta x the log-ratios),
 rewards/accuracies, rewards/margins, logps/chosen, logps/rejected.
 """
-import copy
 import json
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
@@ -238,7 +237,6 @@ class ReferenceMixin:
             return token_logps(model, batch)[0] if per_token else sequence_logps(model, batch)[0]
 
 
-
 class DPOMixin(ReferenceMixin):
     """For train.Trainer: DPO's data, step and evaluation (here, to keep train.py about
     pretraining and SFT)."""
@@ -290,7 +288,7 @@ class DPOMixin(ReferenceMixin):
             for chunk in pairs.split(c["batch_size"])[run.rank::run.world]:
                 with run.amp:
                     loss, metrics = self.loss(self.raw_model, self.data.load(split, chunk, run.device))
-                total += torch.cat([torch.stack([loss.float() * len(chunk), torch.tensor(float(len(chunk)))]),
+                total += torch.cat([torch.stack([loss.float() * len(chunk), loss.new_tensor(float(len(chunk)))]),
                                     metrics * len(chunk)])
             if run.dist:
                 torch.distributed.all_reduce(total)

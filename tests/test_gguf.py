@@ -2,18 +2,17 @@
 installed (pip install -r requirements-gguf.txt: it compiles llama.cpp), and always by the gguf
 package's reader: keys, shapes, tokenizer, chat template. Both export architectures: GPT-NeoX
 (rotary positions, the demo's) and GPT-2 (learned positions)."""
-import json
 
 import numpy as np
 import pytest
 import torch
 
 import train
+from chat_template import render_prompt
 from checkpoint import load_model
 from conftest import TINY, make_sft_data, run_script
 from export_gguf import open_in_llama_cpp
 from export_hf import chat_template_jinja
-from chat_template import render_prompt
 from generation import answer, generate, model_template
 
 PROMPTS = ["问:《静夜思》的作者是谁?\n答:", "问:请背诵《春晓》。\n答:", "床前明月光，", "Hello, world! 🙂",

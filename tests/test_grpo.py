@@ -1,7 +1,6 @@
 """GRPO (grpo.py, rewards.py): the rewards on hand-made answers, advantages and loss equal to
 trl's (its own GRPOTrainer._compute_loss on the same token ids), groups of equal rewards skipped,
 exact resume (the sampler's RNG in the checkpoint), DDP, LoRA, and one-line bad input."""
-import json
 import math
 import os
 import subprocess
