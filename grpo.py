@@ -122,8 +122,8 @@ class GRPOMixin(ReferenceMixin):
         advantages, flat = group_advantages(rewards, c["grpo_group"], c["grpo_scale_rewards"])
         rows = batch["loss_mask"].bool().nonzero()[:, 0]
         live = ~flat[rows]  # the tokens of groups with some spread: the others carry no signal
-        with torch.no_grad():
-            old = token_logps(self.raw_model, batch)[0]
+        with torch.no_grad():  # the log-probabilities at sampling time: needed apart only for reused batches
+            old = token_logps(self.raw_model, batch)[0] if c["grpo_iterations"] > 1 else None
             ref = self.reference_logps(batch, per_token=True)
         # no group with any spread in any process: no update at all (AdamW's momentum and weight
         # decay would still move the weights)
@@ -132,6 +132,7 @@ class GRPOMixin(ReferenceMixin):
         for _ in range(c["grpo_iterations"] if learn else 0):
             with run.amp:
                 logp, entropy = token_logps(model, batch)
+                old = logp.detach() if old is None else old  # (one update per batch: they are its own, as in trl)
                 loss, kl = grpo_loss(logp[live], old[live], ref[live], advantages, rows[live], c["grpo_clip"],
                                      c["grpo_kl"])
             self.scaler.scale(loss).backward()  # (a batch of only flat groups: a zero gradient)
