@@ -3,7 +3,9 @@ Checkpoint I/O, the one place for it. Files are written atomically (temp file + 
 and read with torch.load(weights_only=True), which never runs code from the file.
 
 out_dir/ckpt.pt  the latest full training state (model, optimizer, RNG states, ...): resume
-out_dir/best.pt  the weights with the best validation loss: sampling and evaluation
+out_dir/best.pt  the weights chosen by what the stage optimises (Trainer.selection: the lowest
+                 validation loss, or for GRPO the highest dev reward; recorded as "best"):
+                 sampling, serving, export and evaluation open it
 out_dir/ckpt.dcp/ under parallel='fsdp', ckpt.pt's place: the sharded model and optimizer
                  written by every process in parallel (torch.distributed.checkpoint), and
                  meta.pt, the rest of ckpt.pt, written last: a folder without it is no
@@ -148,7 +150,33 @@ def load_model(path, device="cpu", decode_mode="eager", base=None):
     # the weights now live in the model; the optimizer state is for resuming only. An
     # adapter's fields (its template, characters, kind) override its base's
     meta = {k: v for c in (base_ckpt, ckpt) for k, v in c.items() if k not in ("model", "optimizer")}
+    meta["weights"] = weights_line(file, ckpt)  # which file, which iteration, chosen by what: scripts print it
     return model, tok, meta
+
+
+def best_line(best, max_iters):
+    """What chose best.pt, in words: 'iteration 60 of 60, dev_reward 0.5312 (the highest mean reward ...)'."""
+    return f"iteration {best['iter']} of {max_iters}, {best['metric']} {best['value']:.4f} ({best['rule']})"
+
+
+def weights_line(file, meta):
+    """Which weights a script opened, in one line: the file, its iteration out of max_iters, and
+    what chose them; and plainly so when they are iteration 0 of a run that started from a
+    checkpoint, and so still that checkpoint's weights."""
+    file, config = Path(file), meta.get("config") or {}
+    max_iters = config.get("max_iters", "?")
+    best = meta.get("best")
+    if file.name == "best.pt" and best is None and "best_val_loss" in meta:  # (written before the rule was recorded)
+        best = dict(metric="val_loss", value=meta["best_val_loss"], iter=meta["iter_num"],
+                    rule="the lowest validation loss")
+    if file.name == "best.pt" and best is not None:
+        line = f"{file}: {best_line(best, max_iters)}"
+    else:
+        line = f"{file}: iteration {meta.get('iter_num', '?')} of {max_iters} (the latest checkpoint)"
+    if meta.get("iter_num") == 0 and meta.get("started_from"):
+        line += (f"; iteration 0 of this {meta.get('kind', '')} run: the weights it started from "
+                 f"({meta['started_from']}), not trained by it")
+    return line
 
 
 def resume_checkpoint(out_dir, parallel):

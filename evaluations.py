@@ -213,7 +213,9 @@ def evaluate(path, args, device, questions, decoding):
     """(metrics, default-decoding answers, greedy answers) of one checkpoint."""
     model, tok, ckpt = load_model(path, device, args.decode, args.base)
     adapter = ckpt.get("adapter") or {}
-    result = {"checkpoint": str(find_checkpoint(path)), "kind": ckpt.get("kind"), "iter": ckpt["iter_num"],
+    print(f"weights: {ckpt['weights']}", flush=True)
+    result = {"checkpoint": str(find_checkpoint(path)), "weights": ckpt["weights"], "kind": ckpt.get("kind"),
+              "iter": ckpt["iter_num"],
               "finetune": adapter.get("method", "full" if ckpt.get("kind") == "sft" else None), "adapter": adapter or None,
               "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
               "template": model_template(ckpt), "decoding": decoding,

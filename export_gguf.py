@@ -25,7 +25,7 @@ import numpy as np
 
 from adapters import merge_lora
 from chat_template import PREFIX
-from checkpoint import find_checkpoint, load_checkpoint, open_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, open_checkpoint, weights_line
 from data_utils import UserError, atomic_write, run_cli
 from export_hf import byte_level, chat_template_jinja, merges_of, state_dict_with_biases
 from generation import DEFAULT_DECODING, model_template
@@ -135,6 +135,7 @@ def export(out_dir, dest, qtype="f32", force=False, base=None, merge=False):
         raise UserError(f"{dest} exists: give another --dest, or --force to replace it")
     file = find_checkpoint(out_dir)
     ckpt = load_checkpoint(file)
+    print(f"weights: {weights_line(file, ckpt)}")
     model, tok, _ = open_checkpoint(ckpt, file, base=base)
     adapter = (ckpt.get("adapter") or {}).get("method")
     if adapter == "ptuning":

@@ -35,7 +35,7 @@ import torch
 
 from adapters import merge_lora
 from chat_template import CHATML_ROLE, PREFIX
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint, weights_line
 from data_utils import UserError, run_cli
 from generation import model_template
 from tokenizer import SPECIALS, merge_parts
@@ -236,6 +236,7 @@ def main():
         raise UserError("--dest (the folder to write) is required, unless --gguf FILE")
     file = find_checkpoint(args.out_dir)
     ckpt = load_checkpoint(file)
+    print(f"weights: {weights_line(file, ckpt)}")
     # the model (an adapter on its base), and the base's checkpoint: read and hash-checked once
     model, tok, base_ckpt = open_checkpoint(ckpt, file, base=args.base)
     model.eval()

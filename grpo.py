@@ -161,24 +161,39 @@ class GRPOMixin(ReferenceMixin):
             self.last_logged = self.iter_num
         elif record["kind"] == "eval" and self.dev is not None:
             record.update(self.dev)
-            line += ", dev greedy pass@1 " + ", ".join(f"{k[len('dev_pass@1_'):]} {v:.2f}" for k, v in self.dev.items())
+            passes = [f"{k[len('dev_pass@1_'):]} {v:.2f}" for k, v in self.dev.items() if k.startswith("dev_pass@1_")]
+            line += f", dev greedy reward {self.dev['dev_reward']:.4f}, pass@1 " + ", ".join(passes)
         super().log(record, line)
 
     def estimate_loss(self):
-        self.dev = self.dev_pass_at_1() if self.run.master else None
+        self.dev = self.dev_scores() if self.run.master else None
         return super().estimate_loss()  # the SFT answer loss on the val rows: how far it drifts
 
-    def dev_pass_at_1(self):
-        """Greedy key-fact rate on the dev questions (held-out, after the 100 scored ones)."""
+    def selection(self, losses):
+        """best.pt is chosen by what GRPO optimises: the reward, of greedy answers to the dev
+        questions (the validation loss measures SFT's objective, which GRPO may raise)."""
+        if self.dev is None and self.run.master:  # no dev questions to score: the latest weights
+            return "iter", self.iter_num, True, "the latest: no dev questions to score"
+        return ("dev_reward", self.dev["dev_reward"] if self.dev else None, True,
+                f"the highest mean reward of greedy answers to {self.dev_count} dev questions; ties: the later")
+
+    def dev_scores(self):
+        """The mean reward (grpo_reward, without the format term) and the key-fact rate per type of
+        greedy answers to the dev questions (held-out, after the 100 scored ones)."""
         qs = held_out_questions(self.c["data_dir"], self.c["grpo_dev_questions"], skip=100)
+        self.dev_count = len(qs)
         if not qs:
             return None
         self.raw_model.eval()
         answers = answer_batch(self.raw_model, self.tok, [q for q, _ in qs], constraint=self.constraint,
                                template=self.template, max_new_tokens=self.c["grpo_max_new_tokens"], **GREEDY)
         self.raw_model.train()
+        records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ref}],
+                    "reference": ref} for q, ref in qs]
+        rewards = [score(self.reward_fn, q, a, r) for (q, _), a, r in zip(qs, answers, records)]
         by_type = answer_metrics(answers, qs)["by_type"]
-        return {f"dev_pass@1_{t}": v["key_fact_rate"] for t, v in by_type.items() if "key_fact_rate" in v}
+        keys = {f"dev_pass@1_{t}": v["key_fact_rate"] for t, v in by_type.items() if "key_fact_rate" in v}
+        return dict(keys, dev_reward=sum(rewards) / len(rewards))
 
     def train(self):
         self.metric_sums = torch.zeros(len(METRICS), device=self.run.device)

@@ -88,6 +88,7 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
         lines.append(f"| {label} | " + " | ".join(values) + " |")
 
     row("stage", [stage_label(runs[n][0]) for n in names])
+    row("weights evaluated", [runs[n][0].get("weights", "-") for n in names])
     row("fine-tuning", [method_label(runs[n][0]) for n in names])
     row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
     row("layers × width, heads, context", [

@@ -46,6 +46,7 @@ def main():
     gen = dict(decoding_from_flags(args, DEFAULT_DECODING if args.chat else WRITING), max_new_tokens=args.max_new_tokens)
 
     model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode, args.base)
+    print(f"weights: {ckpt['weights']}", file=sys.stderr)  # (stderr: the sampled text alone goes to stdout)
     constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
     if args.chat and ckpt.get("kind") != "sft":
         print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "

@@ -75,6 +75,7 @@ class Models:
                 self.cache.move_to_end(path)
             else:
                 self.cache[path] = self.load(path, self.device)
+                print(f"opened {self.cache[path][2].get('weights', path)}", flush=True)
                 while len(self.cache) > self.max_loaded:
                     self.cache.popitem(last=False)
             return self.cache[path]

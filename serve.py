@@ -362,6 +362,7 @@ def load_models(out_dirs, device="cpu", constrain="chars", max_batch=32, max_que
             raise UserError(f"{out_dir}: another checkpoint is already served as model {name!r}; "
                             f"give each its own folder name")
         model, tok, meta = load_model(out_dir, device)
+        print(f"model {name}: {meta['weights']}", flush=True)
         models[name] = Served(name, model, tok, meta, constrain, max_batch, max_queue)
     return models
 

@@ -30,7 +30,7 @@ import torch
 import align
 import distributed
 from adapters import adapter_settings, adapter_state, add_adapter, file_sha256, trained_fraction
-from checkpoint import (SHARDED, checkpoint_tokenizer, gathered_weights, load_checkpoint, load_sharded, open_checkpoint,
+from checkpoint import (SHARDED, best_line, checkpoint_tokenizer, gathered_weights, load_checkpoint, load_sharded, open_checkpoint,
                         resume_checkpoint, save_checkpoint, save_sharded)
 from data_utils import SFTData, UserError, open_data, run_cli
 from model import GPT, GPTConfig
@@ -143,6 +143,9 @@ class Trainer:
         c, run = self.c, self.run
         torch.manual_seed(c["seed"])  # the same initial weights (and adapter) in every process
         self.iter_num, self.best_val_loss, self.ckpt, self.base = 0, float("inf"), None, None
+        self.best = None  # what chose best.pt, and when (consider_best)
+        # the checkpoint this run's weights started from: iteration 0 is those weights
+        self.started_from = c["init_from"] if c["init_from"] not in ("scratch", "resume") else None
         if c["init_from"] == "scratch":
             tok, chars = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]), ""
             model_args = dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
@@ -169,6 +172,7 @@ class Trainer:
             chars = (base_ckpt.get("chars") or "") + (ckpt.get("chars") or "")  # (the same one, for a full model)
             if c["init_from"] == "resume":
                 self.iter_num, self.best_val_loss, self.base = ckpt["iter_num"], ckpt["best_val_loss"], ckpt.get("base")
+                self.best, self.started_from = ckpt.get("best"), ckpt.get("started_from")
                 self.adapter = resumed_adapter  # the run's own settings, whatever the config says now
             if self.adapter and not resumed_adapter:  # a new adapter on the frozen init_from model
                 model = add_adapter(model, self.adapter)
@@ -260,7 +264,7 @@ class Trainer:
 
     def metadata(self, state):
         """What a checkpoint carries beside the weights (an adapter run: its settings and base)."""
-        state = dict(state, model_args=self.model_args, config=self.c, kind=self.kind,
+        state = dict(state, model_args=self.model_args, config=self.c, kind=self.kind, started_from=self.started_from,
                      tokenizer_sha256=self.tok.sha256, chars=self.chars, template=self.template)
         # an adapter's vocabulary is its base's (not written again, but for the shards' meta.pt)
         return dict(state, adapter=self.adapter, base=self.base) if self.adapter else dict(state, vocab=self.tok.state())
@@ -284,17 +288,38 @@ class Trainer:
                  + (f" ({bpc:.3f} bits/char)" if bpc is not None else ""))
         if self.c["eval_only"]:
             return
-        improved = losses["val"] < self.best_val_loss  # (the same in every process: the losses are all-reduced)
         self.best_val_loss = min(self.best_val_loss, losses["val"])
+        improved = self.consider_best(losses)
         state = dict(scaler=self.scaler.state_dict(), iter_num=self.iter_num, best_val_loss=self.best_val_loss, rng=rng,
-                     muon_ns_dtype=str(self.ns_dtype)[6:] if self.ns_dtype is not None else None)
+                     best=self.best, muon_ns_dtype=str(self.ns_dtype)[6:] if self.ns_dtype is not None else None)
         if self.run.fsdp:  # (meta.pt carries the vocabulary, also an adapter run's: resume reads no base)
             save_sharded(self.out_dir / SHARDED, self.raw_model, self.optimizer,
                          dict(self.metadata(state), vocab=self.tok.state()), self.run)
         elif self.run.master:
             self.save("ckpt.pt", dict(state, optimizer=self.optimizer.state_dict()))
         if improved and (self.run.master or self.run.fsdp):
-            self.save("best.pt", dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss))
+            self.save("best.pt", dict(iter_num=self.iter_num, best_val_loss=self.best_val_loss, best=self.best))
+
+    def selection(self, losses):
+        """What chooses best.pt: (metric, its value now, True if higher is better, the rule in words).
+        Pretraining and SFT: the validation loss they lower (DPO's val loss is its held-out DPO loss)."""
+        return "val_loss", losses["val"], False, "the lowest validation loss"
+
+    def consider_best(self, losses):
+        """Whether this evaluation's weights become best.pt, by the stage's selection rule; self.best
+        records the rule, the metric and the iteration it chose (in every checkpoint: a resume keeps it)."""
+        metric, value, higher, rule = self.selection(losses)
+        if value is None:  # (a metric measured on process 0 alone: the others write no best.pt)
+            return False
+        if self.best is not None:
+            if higher:  # ties go to the later weights: as good by the measure, and trained further on the objective
+                improved = value >= self.best["value"]
+            else:  # ties keep the earlier weights
+                improved = value < self.best["value"]
+            if not improved:
+                return False
+        self.best = dict(metric=metric, value=value, iter=self.iter_num, rule=rule)
+        return True
 
     def train_step(self, lr):
         """One iteration: local_accum micro-steps of this process's rows, then the update."""
@@ -384,6 +409,8 @@ class Trainer:
         if run.master:
             print(f"done in {time.time() - self.t_start:.1f}s; best val loss {self.best_val_loss:.4f}; "
                   f"checkpoints in {self.out_dir}; peak memory {distributed.peak_memory_mib(run):,.0f} MiB")
+            if self.best is not None and not c["eval_only"]:
+                print(f"best.pt: {best_line(self.best, c['max_iters'])}")
             self.runlog.close()
 
 

@@ -68,7 +68,8 @@ def pass_at_k(model, tok, meta, questions, k):
 
 def measure(spec, args, work, questions):
     out, seconds, ms_iter, last_eval, steps = train_run(spec, args, work)
-    model, tok, meta = load_model(out / "ckpt.pt" if spec != "sft" else out)
+    model, tok, meta = load_model(out)  # the weights a user's out_dir gives: its best.pt, by the stage's own rule
+    print(f"  {spec}: {meta['weights']}", flush=True)
     ask = lambda d: answer_batch(model, tok, [q for q, _ in questions], constraint=model_constraint(tok, meta),  # noqa
                                  template=model_template(meta), max_new_tokens=96, batch_size=32, **d)
     preds, greedy = ask(DEFAULT_DECODING), ask(GREEDY)

@@ -96,8 +96,15 @@ def test_dpo_starts_at_ln2_trains_and_logs_trls_metrics(tiny_runs, pairs, tmp_pa
     assert steps[-1]["loss"] < math.log(2) - 0.05 and steps[-1]["rewards/margins"] > 0
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["kind"] == "dpo" and ckpt["reference"]["path"].endswith("best.pt")
-    model, _, _ = load_model(tmp_path)  # sample.py and evaluations read a DPO checkpoint as any other
-    assert model.num_params() > 0
+    model, _, meta = load_model(tmp_path)  # sample.py and evaluations read a DPO checkpoint as any other
+    # best.pt, which they open, is chosen by the held-out DPO loss: trained weights, not the SFT model's
+    evals = read_log(tmp_path, "eval")
+    chosen = min(evals, key=lambda e: e["val_loss"])
+    assert chosen["iter"] > 0 and meta["best"] == dict(metric="val_loss", value=chosen["val_loss"], iter=chosen["iter"],
+                                                      rule="the lowest validation loss")
+    started = load_checkpoint(tiny_runs[1] / "best.pt")["model"]
+    assert any(not torch.equal(started[k], v) for k, v in model.state_dict().items())
+    assert f"best.pt: iteration {chosen['iter']} of 10, val_loss" in meta["weights"]
 
 
 def test_dpo_resumes_exactly_full_and_lora(tiny_runs, pairs, tmp_path):

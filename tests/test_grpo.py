@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from checkpoint import load_checkpoint, load_model
 from conftest import ROOT, TINY, read_log, run_script
 from data_utils import UserError
 from grpo import group_advantages, grpo_loss
@@ -26,6 +26,19 @@ def constant_reward(prompt, answer, record):  # every answer alike: every group 
 def nan_reward(prompt, answer, record):
     BAD_PROMPTS.append(prompt)
     return float("nan")
+
+
+CALLS = []
+
+
+def rising_reward(prompt, answer, record):  # every call more than the last: each evaluation's dev reward beats the one before
+    CALLS.append(prompt)
+    return len(CALLS) * 1e-3
+
+
+def falling_reward(prompt, answer, record):  # every call less than the last: the first evaluation stays the best
+    CALLS.append(prompt)
+    return -len(CALLS) * 1e-3
 
 
 def test_rewards_on_hand_made_answers():
@@ -59,7 +72,6 @@ def test_advantages_and_loss_equal_trls(vocab_runs, tmp_path):
     from trl import GRPOConfig, GRPOTrainer
     from trl.trainer.utils import nanstd
     from align import token_logps
-    from checkpoint import load_model
     rewards = torch.tensor([0.1, 0.5, 0.5, 1.5, 0.2, 0.2, 0.2, 0.2])  # 2 groups of 4; the second flat
     ours, flat = group_advantages(rewards, 4)
     grouped = rewards.view(-1, 4)
@@ -157,3 +169,38 @@ def test_bad_grpo_input_is_one_line(tiny_runs, tiny_sft_data, tmp_path):
     assert BAD_PROMPTS and f"prompt {BAD_PROMPTS[-1]!r}" in str(e.value)  # (the last: an earlier test adds one)
     proc = run_script("train.py", *args, "--grpo_group=1", check=False)  # as a user sees it: one line, no traceback
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_best_pt_is_chosen_by_dev_reward_not_val_loss(tiny_runs, tiny_sft_data, tmp_path):
+    """A GRPO run whose SFT val loss rises (lr 3e-2) and whose dev reward rises (rising_reward): best.pt,
+    which sample.py, serve.py, evaluations.py and the exports open, is the last evaluation's weights and
+    not the SFT model it started from (it was, when the val loss chose); the report names them."""
+    init = tiny_runs[1] / "best.pt"
+    train.main(grpo_args(tiny_runs, tiny_sft_data, tmp_path / "run", "--max_iters=4", "--learning_rate=3e-2",
+                         "--grpo_reward=test_grpo:rising_reward", "--grpo_dev_questions=8"))
+    evals = read_log(tmp_path / "run", "eval")
+    assert [e["iter"] for e in evals] == [0, 2, 4]
+    assert min(e["val_loss"] for e in evals[1:]) > evals[0]["val_loss"]  # the issue's case: lr 3e-2 wrecks SFT's loss
+    assert evals[2]["dev_reward"] > evals[1]["dev_reward"] > evals[0]["dev_reward"]
+    model, _, meta = load_model(tmp_path / "run")
+    assert meta["best"]["metric"] == "dev_reward" and meta["best"]["iter"] == 4 and meta["iter_num"] == 4
+    assert meta["best"]["value"] == evals[2]["dev_reward"]
+    started = load_checkpoint(init)["model"]
+    opened = model.state_dict()
+    assert any(not torch.equal(started[k], opened[k]) for k in started)  # GRPO's weights, not SFT's
+    assert "iteration 4 of 4, dev_reward" in meta["weights"] and "highest mean reward" in meta["weights"]
+    run_script("evaluations.py", f"--out_dir={tmp_path / 'run'}", f"--sft_data={tiny_sft_data}", "--questions=2",
+               "--max_new_tokens=4", "--max_batches=2", "--pretrain_data=none")
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| weights evaluated |" in report and "best.pt: iteration 4 of 4, dev_reward" in report
+
+
+def test_iteration_0_is_named_plainly(tiny_runs, tiny_sft_data, tmp_path):
+    """When no later evaluation beats the first (falling_reward), best.pt is iteration 0, the SFT
+    model itself: whatever opens the folder says so."""
+    train.main(grpo_args(tiny_runs, tiny_sft_data, tmp_path, "--max_iters=2", "--grpo_reward=test_grpo:falling_reward",
+                         "--grpo_dev_questions=8"))
+    _, _, meta = load_model(tmp_path)
+    assert meta["best"]["iter"] == 0
+    assert "iteration 0 of this grpo run: the weights it started from" in meta["weights"]
+    assert str(tiny_runs[1] / "best.pt") in meta["weights"]
