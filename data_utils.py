@@ -122,7 +122,8 @@ def _invalid_unicode(value, where):
         try:
             value.encode("utf-8")
         except UnicodeEncodeError as e:
-            return f"{where} is not valid Unicode (lone surrogate U+{ord(value[e.start]):04X} at character {e.start + 1})"
+            surrogate = ord(value[e.start])
+            return f"{where} is not valid Unicode (lone surrogate U+{surrogate:04X} at character {e.start + 1})"
         return None
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for key, item in items:
@@ -149,6 +150,7 @@ def read_jsonl(path, strict=True):
                 if strict:
                     raise UserError(f"{path}:{lineno}: {e}") from None
                 bad.append(f"{path}:{lineno}: {e}")
+
     return records(), bad
 
 
@@ -156,6 +158,7 @@ def read_jsonl(path, strict=True):
 # Batches. Training draws the row choice for a whole iteration (all micro-steps of all
 # ranks) from one seeded generator, so the data order does not depend on the number
 # of processes, and a resumed run draws exactly what the uninterrupted one would have.
+
 
 def require_file(path, hint):
     if not Path(path).exists():
@@ -183,7 +186,9 @@ class PretrainData(Batches):
         self.meta = json.loads(meta.read_text(encoding="utf-8")) if meta.exists() else {}
         self.files = {split: tok.token_file(self.data_dir, split) for split in ("train", "val")}
         for path in self.files.values():
-            require_file(path, "run data/prepare.py first" + (f" with --bpe_vocab_size {tok.size}" if tok.kind == "bpe" else ""))
+            require_file(
+                path, "run data/prepare.py first" + (f" with --bpe_vocab_size {tok.size}" if tok.kind == "bpe" else "")
+            )
         vocab_file = self.data_dir / "vocab.json"
         vocab = json.loads(vocab_file.read_text(encoding="utf-8")) if vocab_file.exists() else {}
         self.chars = vocab.get("chars")  # the corpus's characters (prepare.py), for the decoding constraint
@@ -192,15 +197,19 @@ class PretrainData(Batches):
             used = vocab["gpt2_ids"]
             missing = int((tok.to_model[np.asarray(used, dtype=np.int64)] < 0).sum()) if used is not None else -1
             if missing:
-                raise UserError(f"{self.data_dir} uses {'GPT-2 tokens' if missing < 0 else f'{missing} GPT-2 tokens'} "
-                                f"that the model's trimmed vocabulary ({tok.name}) lacks: it was trimmed to another "
-                                f"corpus; pretrain with vocab='trimmed' on this data_dir instead")
+                raise UserError(
+                    f"{self.data_dir} uses {'GPT-2 tokens' if missing < 0 else f'{missing} GPT-2 tokens'} "
+                    f"that the model's trimmed vocabulary ({tok.name}) lacks: it was trimmed to another "
+                    f"corpus; pretrain with vocab='trimmed' on this data_dir instead"
+                )
         if tok.kind == "bpe":
             stored = self.meta.get("vocabularies", {}).get(tok.tag, {}).get("name")
             if stored != tok.name:
-                raise UserError(f"{self.files['train']} was written with the BPE {stored} but the model uses {tok.name}: "
-                                f"a BPE is trained per corpus; re-run data/prepare.py, or pretrain with vocab='bpe' "
-                                f"on this data_dir")
+                raise UserError(
+                    f"{self.files['train']} was written with the BPE {stored} but the model uses {tok.name}: "
+                    f"a BPE is trained per corpus; re-run data/prepare.py, or pretrain with vocab='bpe' "
+                    f"on this data_dir"
+                )
         for split, path in self.files.items():
             if self.num_tokens(split) <= block_size + 1:
                 raise UserError(f"{path} holds {self.num_tokens(split)} tokens, too few for block_size {block_size}")
@@ -229,7 +238,7 @@ class PretrainData(Batches):
 
     def load(self, split, rows, device):
         data = self._memmap(split)
-        windows = np.stack([data[i:i + self.block_size + 1] for i in rows.tolist()])
+        windows = np.stack([data[i : i + self.block_size + 1] for i in rows.tolist()])
         windows = torch.from_numpy(self.tok.from_file_ids(windows))
         return to_device(dict(x=windows[:, :-1], y=windows[:, 1:]), device)
 
@@ -245,17 +254,22 @@ class SFTData(Batches):
         require_file(self.data_dir / "meta.json", "run data/prepare_sft.py first")
         meta = json.loads((self.data_dir / "meta.json").read_text())
         if "block_size" not in meta:
-            raise UserError(f"{self.data_dir / 'meta.json'} is not SFT metadata (no block_size); "
-                            f"is this a pretraining folder?")
+            raise UserError(
+                f"{self.data_dir / 'meta.json'} is not SFT metadata (no block_size); is this a pretraining folder?"
+            )
         data_vocab = meta.get("vocab", "gpt2")
         if data_vocab != tok.name:
-            raise UserError(f"{self.data_dir} was tokenized for the vocabulary {data_vocab} but the model uses "
-                            f"{tok.name}: re-run data/prepare_sft.py --vocab <the model's checkpoint> "
-                            f"--out_dir {self.data_dir}")
+            raise UserError(
+                f"{self.data_dir} was tokenized for the vocabulary {data_vocab} but the model uses "
+                f"{tok.name}: re-run data/prepare_sft.py --vocab <the model's checkpoint> "
+                f"--out_dir {self.data_dir}"
+            )
         if meta["block_size"] > block_size + 1:
-            raise UserError(f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model takes "
-                            f"{block_size} (its block_size, less a P-Tuning prefix's positions): re-run "
-                            f"prepare_sft.py --block_size={block_size + 1} or less")
+            raise UserError(
+                f"SFT rows in {data_dir} are {meta['block_size']} tokens but the model takes "
+                f"{block_size} (its block_size, less a P-Tuning prefix's positions): re-run "
+                f"prepare_sft.py --block_size={block_size + 1} or less"
+            )
         self.meta, self.row_len, self.packed = meta, meta["block_size"], meta.get("packed", False)
         self.chars = meta.get("chars")  # the characters of the SFT text (prepare_sft.py)
         for split in ("train", "val"):
@@ -263,7 +277,10 @@ class SFTData(Batches):
 
     def _arrays(self, split):
         def open_(suffix, dtype):
-            return np.memmap(self.data_dir / f"sft_{split}{suffix}.bin", dtype=dtype, mode="r").reshape(-1, self.row_len)
+            return np.memmap(self.data_dir / f"sft_{split}{suffix}.bin", dtype=dtype, mode="r").reshape(
+                -1, self.row_len
+            )
+
         ids, mask = open_("", np.uint16), open_("_mask", np.uint8)
         return ids, mask, (open_("_seg", np.uint16) if self.packed else None)
 
@@ -294,14 +311,14 @@ def to_device(batch, device):
 
 
 def open_data(data_dir, block_size, tok):
-    """Preference pairs if the folder holds pairs_train.bin (align.py), SFT data if sft_train.bin,
-    else pretraining data; ids in tok's vocabulary."""
+    """SFT data if the folder holds sft_train.bin, else pretraining data; ids in tok's vocabulary.
+    (Preference pairs are DPO's data: miniglm/align/dpo.py opens them.)"""
     if (Path(data_dir) / "pairs_train.bin").exists():
-        from align import PairData  # (align imports this module)
-        return PairData(data_dir, block_size, tok)
+        raise UserError(f"{data_dir} holds preference pairs: train on them with --stage=dpo")
     if (Path(data_dir) / "sft_train.bin").exists():
         return SFTData(data_dir, block_size, tok)
     if not (Path(data_dir) / "meta.json").exists():
-        raise UserError(f"{data_dir}: no prepared data (train.bin from data/prepare.py, or sft_train.bin from "
-                        f"data/prepare_sft.py)")
+        raise UserError(
+            f"{data_dir}: no prepared data (train.bin from data/prepare.py, or sft_train.bin from data/prepare_sft.py)"
+        )
     return PretrainData(data_dir, block_size, tok)

@@ -93,31 +93,75 @@ def main():
     if args.reuse_sft and (sft / "best.pt").is_file():
         print(f"note: --reuse_sft: keeping {sft / 'best.pt'} (its data in {sft_data})")
     else:
-        step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
-             f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
-        step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}",
-             f"--init_from={pre / 'best.pt'}", f"--data_dir={sft_data}", *quick)
+        step(
+            "build the SFT set in the pretrained model's vocabulary",
+            "data/prepare_sft.py",
+            f"--vocab={pre}",
+            "--pack",
+            f"--poems={data_dir / 'docs.jsonl'}",
+            f"--block_size={rows}",
+            f"--out_dir={sft_data}",
+        )
+        step(
+            f"tiny SFT ({args.finetune})",
+            "train.py",
+            SFT_CONFIGS[args.finetune],
+            f"--out_dir={sft}",
+            f"--init_from={pre / 'best.pt'}",
+            f"--data_dir={sft_data}",
+            *quick,
+        )
     final, compare = sft, pre
     if args.align == "dpo":
         final, compare = Path(args.out) / "tiny-dpo", sft
-        step("preference pairs from the SFT model's own answers (train questions only)", "data/prepare_pairs.py",
-             f"--vocab={sft}", "--on_policy", f"--sft_data={sft_data}", f"--block_size={rows}", "--out_dir=data/pairs",
-             *(["--max_questions=40"] if args.smoke else []))
-        step("tiny DPO", "train.py", "config/dpo_tiny_cpu.py", f"--out_dir={final}", f"--init_from={sft / 'best.pt'}",
-             "--data_dir=data/pairs", *quick)
+        step(
+            "preference pairs from the SFT model's own answers (train questions only)",
+            "data/prepare_pairs.py",
+            f"--vocab={sft}",
+            "--on_policy",
+            f"--sft_data={sft_data}",
+            f"--block_size={rows}",
+            "--out_dir=data/pairs",
+            *(["--max_questions=40"] if args.smoke else []),
+        )
+        step(
+            "tiny DPO",
+            "train.py",
+            "config/dpo_tiny_cpu.py",
+            f"--out_dir={final}",
+            f"--init_from={sft / 'best.pt'}",
+            "--data_dir=data/pairs",
+            *quick,
+        )
     if args.align == "grpo":
         final, compare = Path(args.out) / "tiny-grpo", sft
-        step("tiny GRPO: the model's own answers, rewarded", "train.py", "config/grpo_tiny_cpu.py", f"--out_dir={final}",
-             f"--init_from={sft / 'best.pt'}", f"--data_dir={sft_data}", *quick)
-    step(f"evaluate {final.name} vs {compare.name}, write the report", "evaluations.py", f"--out_dir={final}",
-         f"--compare={compare}", f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
-         *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))
+        step(
+            "tiny GRPO: the model's own answers, rewarded",
+            "train.py",
+            "config/grpo_tiny_cpu.py",
+            f"--out_dir={final}",
+            f"--init_from={sft / 'best.pt'}",
+            f"--data_dir={sft_data}",
+            *quick,
+        )
+    step(
+        f"evaluate {final.name} vs {compare.name}, write the report",
+        "evaluations.py",
+        f"--out_dir={final}",
+        f"--compare={compare}",
+        f"--pretrain_data={data_dir}",
+        f"--sft_data={sft_data}",
+        "--show=6",
+        *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]),
+    )
     if args.refresh_docs:
         for name in ("loss.png", "curves.png"):
             shutil.copyfile(final / name, ROOT / "docs" / name)
         print("copied loss.png and curves.png to docs/")
-    print(f"\nall done in {time.time() - t0:.0f}s. Report: {final / 'report.md'}\n"
-          f"Next: python sample.py --out_dir={final} --chat   or   python sample_gradio.py")
+    print(
+        f"\nall done in {time.time() - t0:.0f}s. Report: {final / 'report.md'}\n"
+        f"Next: python sample.py --out_dir={final} --chat   or   python sample_gradio.py"
+    )
 
 
 if __name__ == "__main__":

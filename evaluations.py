@@ -13,89 +13,30 @@ figures) and greedy (under "greedy"). Prints a table, writes JSON and a run repo
 """
 import argparse
 import math
-import re
 import time
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
-from sacrebleu.metrics import BLEU, CHRF
 from tqdm import tqdm
 
 import visualize
-from checkpoint import find_checkpoint, load_model
-from constraint import CONSTRAINTS
-from data_utils import PretrainData, SFTData, UserError, pick_device, read_jsonl, run_cli, write_json
-from generation import (GREEDY, add_decoding_flags, answer_batch, decoding_from_flags, model_constraint,
-                        model_template)
+from data_utils import PretrainData, SFTData, UserError, pick_device, run_cli, write_json
+from miniglm.checkpoint import find_checkpoint, load_model
+from miniglm.constraint import CONSTRAINTS
+from miniglm.generation import (
+    GREEDY,
+    add_decoding_flags,
+    answer_batch,
+    decoding_from_flags,
+    model_constraint,
+    model_template,
+)
+from miniglm.metrics import answer_metrics, held_out_questions
+from miniglm.report import GREEDY_METRICS, METRICS, decoding_label, fmt, run_dir, write_report
 from model import DECODE_MODES
-from report import GREEDY_METRICS, METRICS, decoding_label, fmt, run_dir, write_report
 
 
-# ------------------------------------------------------------------ metrics (character level)
-def _chars(text):
-    return [c for c in text if not c.isspace()]
-
-
-def exact_match(pred, ref):
-    return float(_chars(pred) == _chars(ref))
-
-
-def char_f1(pred, ref):
-    """SQuAD-style F1 over characters (the usual token F1, with characters as tokens)."""
-    p, r = _chars(pred), _chars(ref)
-    common = sum((Counter(p) & Counter(r)).values())
-    if not p or not r or not common:
-        return float(p == r)
-    precision, recall = common / len(p), common / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def lcs_length(a, b):
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
-
-
-def rouge_l(pred, ref):
-    """ROUGE-L F1: longest common subsequence of characters."""
-    p, r = _chars(pred), _chars(ref)
-    lcs = lcs_length(p, r)
-    if not lcs:
-        return 0.0
-    precision, recall = lcs / len(p), lcs / len(r)
-    return 2 * precision * recall / (precision + recall)
-
-
-def _ngrams(chars, n):
-    return Counter(tuple(chars[i:i + n]) for i in range(len(chars) - n + 1))
-
-
-def corpus_bleu(preds, refs):
-    """Corpus BLEU-4 by sacrebleu with tokenize='zh' (each Chinese character a token, the
-    standard for Chinese), on its 0-100 scale, so the figure compares with published ones."""
-    return BLEU(tokenize="zh").corpus_score(list(preds), [list(refs)]).score
-
-
-def corpus_chrf(preds, refs):
-    """Corpus chrF (character n-gram F-score) by sacrebleu, 0-100."""
-    return CHRF().corpus_score(list(preds), [list(refs)]).score
-
-
-def distinct_n(texts, n):
-    """Unique n-grams over all n-grams of the generated texts: low = repetitive output."""
-    grams = Counter()
-    for t in texts:
-        grams.update(_ngrams(_chars(t), n))
-    return len(grams) / max(1, sum(grams.values()))
-
-
-# ------------------------------------------------------------------ losses
 @torch.no_grad()
 def pretrain_loss(model, tok, data_dir, batch_size, max_batches, device):
     """(mean nats per token, bits per character) over consecutive non-overlapping windows of
@@ -139,55 +80,6 @@ def sft_loss(model, tok, data_dir, batch_size, max_batches, device):
     return total / count if count else None
 
 
-def held_out_questions(data_dir, limit, skip=0):
-    """Single-turn (question, answer) pairs of the SFT validation split: the first `limit`
-    (the scored ones), or with skip, those after the first `skip` (dev questions)."""
-    path = Path(data_dir) / "sft_val.jsonl"
-    if not path.exists():
-        return []
-    records, _ = read_jsonl(path)
-    pairs = [(c["messages"][0]["content"], c["messages"][1]["content"]) for _, c in records
-             if len(c["messages"]) == 2 and c["messages"][0]["role"] == "user"]
-    return pairs[skip:skip + limit]
-
-
-def question_type(q):
-    """The default SFT set's question kinds; anything else is dialogue."""
-    for key, kind in (("的作者是谁", "作者"), ("请背诵", "背诵"), ("请写出", "背诵"), ("的下一句", "下一句")):
-        if key in q:
-            return kind
-    return "dialogue"
-
-
-KEY_FACTS = {"作者": re.compile(r"的作者是(.+?)。"), "下一句": re.compile(r"的下一句是“(.+?)”")}
-
-
-def key_fact(question, reference, answer):
-    """For 作者 and 下一句 questions, whether the answer names the reference's fact (the author,
-    the next line) in the same form (…的作者是A / …的下一句是“B”); None for other questions."""
-    pattern = KEY_FACTS.get(question_type(question))
-    fact = pattern.search(reference) if pattern else None
-    if not fact:
-        return None
-    said = pattern.search(answer)
-    return bool(said) and said.group(1) == fact.group(1)
-
-
-def answer_metrics(preds, questions):
-    """Scores of answers against the references, overall and per question type."""
-    refs, kinds = [a for _, a in questions], [question_type(q) for q, _ in questions]
-    mean = lambda f, keep=lambda k: True: float(np.mean([f(p, r) for p, r, k in zip(preds, refs, kinds) if keep(k)]))  # noqa: E731
-    return dict(exact_match=mean(exact_match), char_f1=mean(char_f1), rouge_l=mean(rouge_l),
-                bleu=corpus_bleu(preds, refs), chrf=corpus_chrf(preds, refs),
-                distinct_1=distinct_n(preds, 1), distinct_2=distinct_n(preds, 2),
-                answers_with_fffd=sum("\ufffd" in p for p in preds),
-                by_type={k: {"questions": kinds.count(k), "exact_match": mean(exact_match, lambda t: t == k),
-                             "char_f1": mean(char_f1, lambda t: t == k),
-                             **({"key_fact_rate": float(np.mean([key_fact(q, r, p) for (q, r), p in zip(questions, preds)
-                                                                 if question_type(q) == k]))} if k in KEY_FACTS else {})}
-                         for k in sorted(set(kinds))})
-
-
 def data_dirs(path, depth=4):
     """(pretraining data, SFT data) folders a checkpoint was trained on, read from its own config
     and, up the chain of checkpoints it started from (init_from, an adapter's base), theirs."""
@@ -214,12 +106,21 @@ def evaluate(path, args, device, questions, decoding):
     model, tok, ckpt = load_model(path, device, args.decode, args.base)
     adapter = ckpt.get("adapter") or {}
     print(f"weights: {ckpt['weights']}", flush=True)
-    result = {"checkpoint": str(find_checkpoint(path)), "weights": ckpt["weights"], "kind": ckpt.get("kind"),
-              "iter": ckpt["iter_num"],
-              "finetune": adapter.get("method", "full" if ckpt.get("kind") == "sft" else None), "adapter": adapter or None,
-              "params_M": round(model.num_params() / 1e6, 2), "vocab": tok.name, "vocab_size": tok.vocab_size,
-              "template": model_template(ckpt), "decoding": decoding,
-              "model_args": ckpt["model_args"], "config": ckpt.get("config") or {}}
+    result = {
+        "checkpoint": str(find_checkpoint(path)),
+        "weights": ckpt["weights"],
+        "kind": ckpt.get("kind"),
+        "iter": ckpt["iter_num"],
+        "finetune": adapter.get("method", "full" if ckpt.get("kind") == "sft" else None),
+        "adapter": adapter or None,
+        "params_M": round(model.num_params() / 1e6, 2),
+        "vocab": tok.name,
+        "vocab_size": tok.vocab_size,
+        "template": model_template(ckpt),
+        "decoding": decoding,
+        "model_args": ckpt["model_args"],
+        "config": ckpt.get("config") or {},
+    }
     loss, bpc = pretrain_loss(model, tok, args.pretrain_data, args.batch_size, args.max_batches, device)
     result["pretrain_val_loss"] = loss
     result["pretrain_val_ppl"] = math.exp(loss) if loss is not None else None
@@ -228,9 +129,12 @@ def evaluate(path, args, device, questions, decoding):
     constraint = model_constraint(tok, ckpt, args.constrain)
     # gen_batch rows at a time, finished rows refilled: the same answers as one by one, faster
     print(f"answering {len(questions)} questions with {Path(path).name} ...", flush=True)
-    ask = lambda d: answer_batch(model, tok, [q for q, _ in questions], constraint=constraint,  # noqa: E731
-                                 max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
-                                 template=result["template"], seed=args.seed, **d)
+
+    def ask(decoding):
+        return answer_batch(model, tok, [q for q, _ in questions], constraint=constraint,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch,
+                            template=result["template"], seed=args.seed, **decoding)
+
     preds = ask(decoding)
     greedy = preds if decoding == GREEDY else ask(GREEDY)
     if questions:
@@ -244,8 +148,11 @@ def main():
     p.add_argument("--out_dir", default="out/tiny-sft", help="checkpoint (out_dir or .pt) to evaluate")
     p.add_argument("--compare", help="a second checkpoint (e.g. the pretrained one) to put beside it")
     p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
-    p.add_argument("--pretrain_data", help="folder with the val split's tokens (default: the one the checkpoint, or "
-                                           "the one it started from, was trained on)")
+    p.add_argument(
+        "--pretrain_data",
+        help="folder with the val split's tokens (default: the one the checkpoint, or "
+        "the one it started from, was trained on)",
+    )
     p.add_argument("--sft_data", help="folder with sft_val.bin and sft_val.jsonl (default: the checkpoint's own)")
     p.add_argument("--questions", type=int, default=50, help="held-out questions to answer")
     p.add_argument("--max_new_tokens", type=int, default=96)
@@ -254,15 +161,22 @@ def main():
     p.add_argument("--max_batches", type=int, default=50)
     p.add_argument("--show", type=int, default=3, help="print this many questions with the answers")
     p.add_argument("--json", help="where to write the results (default <out_dir>/eval.json)")
-    p.add_argument("--report", default="auto", help="report.md path (default <out_dir>/report.md, with the "
-                                                     "loss plots beside it); 'none' to skip")
+    p.add_argument(
+        "--report",
+        default="auto",
+        help="report.md path (default <out_dir>/report.md, with the loss plots beside it); 'none' to skip",
+    )
     p.add_argument("--report_answers", type=int, default=12, help="sampled answers in the report")
     p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="decoding constraint (see sample.py)")
     add_decoding_flags(p)
     p.add_argument("--seed", type=int, default=1337, help="for a sampled decoding (temperature > 0)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--decode", default="eager", choices=DECODE_MODES,
-                   help="generation's decode steps (sample.py --help); compiled = CUDA graphs on a GPU")
+    p.add_argument(
+        "--decode",
+        default="eager",
+        choices=DECODE_MODES,
+        help="generation's decode steps (sample.py --help); compiled = CUDA graphs on a GPU",
+    )
     args = p.parse_args()
     device = pick_device(args.device)
     decoding = decoding_from_flags(args)
@@ -287,13 +201,21 @@ def main():
     for m, cells in rows:
         if any(c is not None for c in cells):
             print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
-    for i, (q, ref) in enumerate(questions[:args.show]):
+    for i, (q, ref) in enumerate(questions[: args.show]):
         short = ref if len(ref) <= 200 else ref[:200] + f"… ({len(ref):,} characters)"  # a whole 古文 is pages
         print(f"\n问: {q}\n参考: {short}")
         for n in names:
             print(f"[{Path(n).name}] 答: {runs[n][1][i]}")
-    out = {n: dict(runs[n][0], answers=[{"question": q, "reference": r, "answer": a, "greedy_answer": g}
-                                        for (q, r), a, g in zip(questions, runs[n][1], runs[n][2])]) for n in names}
+    out = {
+        n: dict(
+            runs[n][0],
+            answers=[
+                {"question": q, "reference": r, "answer": a, "greedy_answer": g}
+                for (q, r), a, g in zip(questions, runs[n][1], runs[n][2])
+            ],
+        )
+        for n in names
+    }
     json_path = Path(args.json or run_dir(args.out_dir) / "eval.json")
     write_json(json_path, out)
     print(f"\nwrote {json_path} ({time.time() - t0:.0f}s)")
@@ -301,8 +223,9 @@ def main():
         report = Path(run_dir(args.out_dir) / "report.md" if args.report == "auto" else args.report)
         logged = [run_dir(n) for n in reversed(names) if (run_dir(n) / "log.jsonl").exists()]
         plots = visualize.plot_runs([visualize.read_run(r) for r in logged], report.parent) if logged else []
-        write_report(report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain,
-                      args.report_answers)
+        write_report(
+            report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain, args.report_answers
+        )
         print(f"wrote {report}")
 
 

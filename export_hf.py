@@ -15,205 +15,29 @@ loads (tokenizer.json, with the chat template the model was fine-tuned with).
 
 The model is GPT-2's architecture (GPT2LMHeadModel) with exact GELU and zero biases, or,
 for a model trained with rope=True, GPT-NeoX's (GPTNeoXForCausalLM: sequential residuals,
-full rotary dimensions): either computes what model.py computes. The tokenizer is the same BPE (full GPT-2 or the trained
-one) as an HF byte-level BPE with the same split pattern: the same ids as tokenizer.py's.
+full rotary dimensions): either computes what model.py computes. The tokenizer is the same BPE
+(full GPT-2 or the trained one) as an HF byte-level BPE with the same split pattern: the same ids
+as miniglm/tokenizer.py's.
 A trimmed vocabulary spells GPT-2 tokens it lacks as bytes, which no HF tokenizer does:
 it is refused. generation_config is greedy with both end tokens; the project's default
 repetition penalty is left out, because HF's also counts the prompt's tokens.
 
-An adapter run (LoRA, P-Tuning v2: adapters.py) is written as its base model's folder plus a
+An adapter run (LoRA, P-Tuning v2: miniglm/adapters.py) is written as its base model's folder plus a
 peft adapter folder beside it, made by peft itself (get_peft_model, its weights set, then
 save_pretrained): PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(DEST/base),
 DEST/adapter) computes what the project computes (tested). P-Tuning v2 goes out as peft's
 prefix tuning with the prefix table itself (prefix_projection off: the MLP's output is saved).
 """
+
 import argparse
-import json
 from pathlib import Path
 
-import torch
-
-from adapters import merge_lora
-from chat_template import CHATML_ROLE, PREFIX
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint, weights_line
 from data_utils import UserError, run_cli
-from generation import model_template
-from tokenizer import SPECIALS, merge_parts
-
-
-def hf_config(model_args, tok):
-    from transformers import GPT2Config
-    return GPT2Config(vocab_size=model_args["vocab_size"], n_positions=model_args["block_size"],
-                      n_embd=model_args["n_embd"], n_layer=model_args["n_layer"], n_head=model_args["n_head"],
-                      activation_function="gelu", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                      layer_norm_epsilon=1e-5, bos_token_id=tok.eot, eos_token_id=list(tok.stop_ids),
-                      pad_token_id=tok.eot, tie_word_embeddings=True, architectures=["GPT2LMHeadModel"])
-
-
-def neox_config(model_args, tok):
-    from transformers import GPTNeoXConfig
-    d = model_args["n_embd"]
-    return GPTNeoXConfig(vocab_size=model_args["vocab_size"], hidden_size=d, num_hidden_layers=model_args["n_layer"],
-                         num_attention_heads=model_args["n_head"], intermediate_size=4 * d, hidden_act="gelu",
-                         max_position_embeddings=model_args["block_size"], layer_norm_eps=1e-5,
-                         use_parallel_residual=False, attention_bias=True, tie_word_embeddings=True,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
-                         bos_token_id=tok.eot, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
-                         architectures=["GPTNeoXForCausalLM"])
-
-
-NEOX_NAMES = {"ln_1": "input_layernorm", "ln_2": "post_attention_layernorm", "attn.c_attn": "attention.query_key_value",
-              "attn.c_proj": "attention.dense", "mlp.c_fc": "mlp.dense_h_to_4h", "mlp.c_proj": "mlp.dense_4h_to_h"}
-
-
-def neox_state_dict(model):
-    """model.py's weights under GPTNeoXForCausalLM's names. NeoX's fused qkv is laid out head
-    by head (q, k, v of head 0, then of head 1, ...); model.py's is all q, all k, all v."""
-    c, sd = model.config, state_dict_with_biases(model)
-    out = {"gpt_neox.embed_in.weight": sd["transformer.wte.weight"], "lm_head.weight": sd["lm_head.weight"],
-           "gpt_neox.final_layer_norm.weight": sd["transformer.ln_f.weight"],
-           "gpt_neox.final_layer_norm.bias": sd["transformer.ln_f.bias"]}
-    for i in range(c.n_layer):
-        for ours, theirs in NEOX_NAMES.items():
-            w, b = sd[f"transformer.h.{i}.{ours}.weight"], sd[f"transformer.h.{i}.{ours}.bias"]
-            if ours == "attn.c_attn":
-                w = w.view(3, c.n_head, -1, c.n_embd).transpose(0, 1).reshape(3 * c.n_embd, c.n_embd)
-                b = b.view(3, c.n_head, -1).transpose(0, 1).reshape(-1)
-            out[f"gpt_neox.layers.{i}.{theirs}.weight"], out[f"gpt_neox.layers.{i}.{theirs}.bias"] = w, b
-    return {k: v.contiguous().clone() for k, v in out.items()}
-
-
-def state_dict_with_biases(model):
-    """model.state_dict() with a zero bias for each Linear and LayerNorm that has none (the
-    output layer aside): both HF architectures have them, and zero computes what model.py does."""
-    sd = dict(model.state_dict())
-    for name, module in model.named_modules():
-        if isinstance(module, (torch.nn.Linear, torch.nn.LayerNorm)) and name != "lm_head" and module.bias is None:
-            sd[f"{name}.bias"] = torch.zeros(module.weight.shape[0], dtype=module.weight.dtype)
-    return sd
-
-
-def hf_state_dict(model):
-    """model.py's weights under GPT2LMHeadModel's names. GPT-2 keeps its linear layers as
-    Conv1D, (in, out): transposed. Where model.py has no bias, GPT-2's is zero."""
-    out = {}
-    for name, p in state_dict_with_biases(model).items():
-        if name.endswith(".weight") and p.dim() == 2 and ".h." in f".{name}" and "ln_" not in name:
-            p = p.t()
-        out[name] = p.contiguous().clone()
-    return out
-
-
-def byte_level(b):
-    """GPT-2's bytes → printable characters table, as HF's ByteLevel pre-tokenizer uses it."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, n = {}, 0
-    for i in range(256):
-        table[i] = chr(i) if i in keep else chr(256 + n)
-        n += i not in keep
-    return "".join(table[x] for x in b)
-
-
-def merges_of(ranks):
-    """HF's merges list: each token's two parts (tokenizer.merge_parts) as byte-level strings,
-    in rank order (merge priority = the rank)."""
-    return [(byte_level(a), byte_level(b)) for a, b in merge_parts(ranks).values()]
-
-
-def chat_template_jinja(template):
-    """The model's chat template as Jinja for apply_chat_template: the same text render_prompt
-    writes (the project encodes the role markers apart from the content, so at the markers
-    the token ids can differ from encoding the whole text at once)."""
-    if template == "chatml":
-        turn = "'<|im_start|>' + {role} + '\\n' + message['content'] + '<|im_end|>\\n'"
-        roles = {r: turn.format(role=repr(c)) for r, c in CHATML_ROLE.items()}
-        opener = "'<|im_start|>assistant\\n'"
-    else:
-        roles = {r: f"{PREFIX[r]!r} + message['content'] + " + ("'<|endoftext|>'" if r == "assistant" else "'\\n'")
-                 for r in PREFIX}
-        opener = repr(PREFIX["assistant"])
-    roles["tool"] = roles["observation"]
-    body = "".join(f"{{%- {'if' if i == 0 else 'elif'} message['role'] == {r!r} -%}}{{{{ {text} }}}}"
-                   for i, (r, text) in enumerate(roles.items()))
-    return (f"{{%- for message in messages -%}}{body}{{%- endif -%}}{{%- endfor -%}}"
-            f"{{%- if add_generation_prompt -%}}{{{{ {opener} }}}}{{%- endif -%}}")
-
-
-def hf_tokenizer(tok, template):
-    """tokenizer.py's BPE as a transformers PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-    if tok.kind == "trimmed":
-        raise UserError(f"the trimmed vocabulary {tok.name} cannot be written as a Hugging Face tokenizer exactly "
-                        f"(it spells GPT-2 tokens it lacks as bytes): export a model trained with vocab='bpe' "
-                        f"(the demo's default) or vocab='gpt2'")
-    ranks = {t: i for i, t in enumerate(tok.token_bytes[:tok.eot])}
-    bpe = Tokenizer(models.BPE(vocab={byte_level(t): i for t, i in ranks.items()}, merges=merges_of(ranks)))
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(tok.pattern), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                                   bos_token="<|endoftext|>", additional_special_tokens=list(SPECIALS),
-                                   chat_template=chat_template_jinja(template), clean_up_tokenization_spaces=False)
-    added = {"<|endoftext|>": tok.eot, SPECIALS[0]: tok.im_start, SPECIALS[1]: tok.im_end}
-    wrong = {t: fast.convert_tokens_to_ids(t) for t in added if fast.convert_tokens_to_ids(t) != added[t]}
-    if wrong:  # the special tokens must land on the model's ids: right after the ranks
-        raise UserError(f"special tokens got ids {wrong}, expected {added}")
-    return fast
-
-
-def hf_model(model, model_args, tok):
-    """model.py's weights in transformers' class: GPT-NeoX for rotary positions, else GPT-2."""
-    from transformers import GPT2LMHeadModel, GPTNeoXForCausalLM
-    if model.config.rope:
-        hf = GPTNeoXForCausalLM(neox_config(model_args, tok))
-        hf.load_state_dict(neox_state_dict(model), strict=True)
-    else:
-        hf = GPT2LMHeadModel(hf_config(model_args, tok))
-        hf.load_state_dict(hf_state_dict(model), strict=True)
-    return hf.eval()
-
-
-def write_model(hf, fast, tok, dest, info):
-    """A transformers model folder: weights, generation config, tokenizer, miniglm.json."""
-    from transformers import GenerationConfig
-    hf.save_pretrained(dest, safe_serialization=True)
-    GenerationConfig(do_sample=False, eos_token_id=list(tok.stop_ids), pad_token_id=tok.eot,
-                     bos_token_id=tok.eot).save_pretrained(dest)
-    fast.save_pretrained(dest)
-    (dest / "miniglm.json").write_text(json.dumps(info, ensure_ascii=False, indent=2), encoding="utf-8")
-
-
-def peft_adapter(hf_base, model, adapter):
-    """A peft model on hf_base holding model's adapter, weight for weight: LoRA's A and B
-    under transformers' layer names (NeoX's fused qkv rows reordered head by head, as its
-    weight is), or P-Tuning v2's prefix table as peft's prefix tuning embedding."""
-    from peft import LoraConfig, PrefixTuningConfig, get_peft_model
-    c, neox = model.config, model.config.rope
-    if adapter["method"] == "ptuning":
-        config = PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=adapter["num_virtual_tokens"],
-                                    prefix_projection=False)  # the table itself: what the projection made
-        peft_model = get_peft_model(hf_base, config)
-        with torch.no_grad():
-            peft_model.prompt_encoder["default"].embedding.weight.copy_(model.prefix.table())
-        return peft_model
-    names = {t: (NEOX_NAMES[t] if neox else t) for t in adapter["targets"]}
-    config = LoraConfig(task_type="CAUSAL_LM", r=adapter["r"], lora_alpha=adapter["alpha"],
-                        lora_dropout=adapter["dropout"], target_modules=list(names.values()), fan_in_fan_out=not neox)
-    peft_model = get_peft_model(hf_base, config)
-    for i in range(c.n_layer):
-        for ours, theirs in names.items():
-            layer = model.get_submodule(f"transformer.h.{i}.{ours}")
-            a, b = layer.lora_A.detach(), layer.lora_B.detach()
-            if neox and ours == "attn.c_attn":
-                b = b.view(3, c.n_head, -1, b.size(1)).transpose(0, 1).reshape(3 * c.n_embd, -1)
-            where = f"base_model.model.{'gpt_neox.layers' if neox else 'transformer.h'}.{i}.{theirs}"
-            target = peft_model.get_submodule(where)
-            with torch.no_grad():
-                target.lora_A["default"].weight.copy_(a)
-                target.lora_B["default"].weight.copy_(b)
-    return peft_model
+from miniglm.adapters import merge_lora
+from miniglm.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint, weights_line
+from miniglm.export import gguf
+from miniglm.export.hf import hf_model, hf_tokenizer, peft_adapter, write_model
+from miniglm.generation import model_template
 
 
 def main():
@@ -222,14 +46,16 @@ def main():
     p.add_argument("--dest", help="the folder to write (created; files in it are replaced)")
     p.add_argument("--base", help="for an adapter (LoRA, P-Tuning): its base checkpoint, if not where it was trained")
     p.add_argument("--merge", action="store_true", help="a LoRA adapter: fold it into the weights and write one model")
-    p.add_argument("--gguf", metavar="FILE", help="write one GGUF file for llama.cpp / Ollama instead (export_gguf.py; "
-                                                  "--dest is then not needed)")
+    p.add_argument(
+        "--gguf",
+        metavar="FILE",
+        help="write one GGUF file for llama.cpp / Ollama instead (export_gguf.py; --dest is then not needed)",
+    )
     p.add_argument("--gguf_type", default="f32", help="with --gguf: f32, f16 or q8_0")
     p.add_argument("--force", action="store_true", help="with --gguf: replace the file if it exists")
     args = p.parse_args()
     if args.gguf:
-        import export_gguf
-        dest, mf = export_gguf.export(args.out_dir, args.gguf, args.gguf_type, args.force, args.base, args.merge)
+        dest, mf = gguf.export(args.out_dir, args.gguf, args.gguf_type, args.force, args.base, args.merge)
         print(f"wrote {dest} ({args.gguf_type}) and {mf}")
         return
     if not args.dest:
@@ -242,33 +68,49 @@ def main():
     model.eval()
     template, adapter = model_template(ckpt), ckpt.get("adapter")
     if args.merge and (adapter or {}).get("method") != "lora":
-        raise UserError(f"{args.out_dir}: --merge folds a LoRA adapter into its base; this is "
-                        + ("a P-Tuning v2 prefix, which is not a weight to fold (export it as an adapter)"
-                           if adapter else "a full model already (export it without --merge)"))
+        raise UserError(
+            f"{args.out_dir}: --merge folds a LoRA adapter into its base; this is "
+            + (
+                "a P-Tuning v2 prefix, which is not a weight to fold (export it as an adapter)"
+                if adapter
+                else "a full model already (export it without --merge)"
+            )
+        )
     fast = hf_tokenizer(tok, template)  # first: a vocabulary that cannot be exported stops before any file is written
     dest = Path(args.dest)
-    info = {"checkpoint": str(file), "vocab": tok.name, "template": template,
-            "kind": ckpt.get("kind"), "iter": ckpt["iter_num"], "finetune": (adapter or {}).get("method", "full")}
+    info = {
+        "checkpoint": str(file),
+        "vocab": tok.name,
+        "template": template,
+        "kind": ckpt.get("kind"),
+        "iter": ckpt["iter_num"],
+        "finetune": (adapter or {}).get("method", "full"),
+    }
     if args.merge:
         merge_lora(model)
     if not adapter or args.merge:
         hf = hf_model(model, ckpt["model_args"], tok)
         write_model(hf, fast, tok, dest, dict(info, merged=bool(args.merge)))
-        print(f"wrote {dest}: {type(hf).__name__} ({model.num_params() / 1e6:.2f}M parameters"
-              f"{', LoRA merged' if args.merge else ''}), tokenizer {tok.name}, chat template {template}; load it with "
-              f"AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})")
+        print(
+            f"wrote {dest}: {type(hf).__name__} ({model.num_params() / 1e6:.2f}M parameters"
+            f"{', LoRA merged' if args.merge else ''}), tokenizer {tok.name}, chat template {template}; load it with "
+            f"AutoModelForCausalLM / AutoTokenizer.from_pretrained({str(dest)!r})"
+        )
         return
     # an adapter: the base model's folder, and beside it peft's adapter folder that points at it
     hf = hf_model(model_from_checkpoint(base_ckpt).eval(), ckpt["model_args"], tok)
-    write_model(hf, fast, tok, dest / "base", dict(info, checkpoint=str(args.base or ckpt["base"]["path"]),
-                                                   finetune=None))
+    write_model(
+        hf, fast, tok, dest / "base", dict(info, checkpoint=str(args.base or ckpt["base"]["path"]), finetune=None)
+    )
     peft_model = peft_adapter(hf, model, adapter)
     peft_model.peft_config["default"].base_model_name_or_path = str((dest / "base").resolve())
     peft_model.save_pretrained(dest / "adapter")
     fast.save_pretrained(dest / "adapter")
-    print(f"wrote {dest}/base ({type(hf).__name__}) and {dest}/adapter (peft {adapter['method']}); load them with "
-          f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(dest / 'base')!r}), "
-          f"{str(dest / 'adapter')!r})")
+    print(
+        f"wrote {dest}/base ({type(hf).__name__}) and {dest}/adapter (peft {adapter['method']}); load them with "
+        f"PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({str(dest / 'base')!r}), "
+        f"{str(dest / 'adapter')!r})"
+    )
 
 
 if __name__ == "__main__":

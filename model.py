@@ -8,7 +8,7 @@ with loss_chunk_rows set, its loss runs through LinearCrossEntropy (chunked, the
 logits never held).
 forward() takes a KVCache for incremental decoding; decode_step is one decode step over a
 fixed-shape cache (static_cache), compiled to a CUDA graph per step on a GPU. The decode
-loop itself, sampling and the penalties are in generation.py.
+loop itself, sampling and the penalties are in miniglm/generation.py.
 """
 import math
 from dataclasses import dataclass
@@ -17,8 +17,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-
-DECODE_MODES = ("eager", "static", "compiled")  # GPT.decode_mode: see GPT.__init__ and generation.py
+DECODE_MODES = ("eager", "static", "compiled")  # GPT.decode_mode: see GPT.__init__ and miniglm/generation.py
 
 
 @dataclass
@@ -57,9 +56,35 @@ class KVCache:
 
     def __init__(self, config, batch_size, device, dtype, tensors=None):
         shape = (batch_size, config.n_head, config.block_size, config.n_embd // config.n_head)
-        self.k, self.v = tensors or [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-                                     for _ in "kv"]
-        self.length, self.lengths = 0, None
+        if tensors is None:
+            tensors = [[torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+                       for _ in "kv"]
+        self.k, self.v = tensors  # each a list of (B, nh, block_size, hs), one per layer
+        self.length = 0
+        self.lengths = None
+
+    def update(self, layer, k, v, attn_mask):
+        """Write the new keys and values (B, nh, T, hs) of `layer` and return what attention reads:
+        (keys, values, mask, is_causal) over the cached tokens and the new ones."""
+        if self.lengths is not None:  # one token per row, each row at its own length
+            B = k.size(0)
+            rows = torch.arange(B, device=k.device)
+            S = attn_mask.size(-1)  # the longest row's length after this token
+            self.k[layer][rows, :, self.lengths] = k[:, :, 0]
+            self.v[layer][rows, :, self.lengths] = v[:, :, 0]
+            return self.k[layer][:B, :, :S], self.v[layer][:B, :, :S], attn_mask, False
+        T = k.size(2)
+        start = self.length
+        self.k[layer][:, :, start:start + T] = k
+        self.v[layer][:, :, start:start + T] = v
+        k = self.k[layer][:, :, :start + T]  # (B, nh, start + T, hs)
+        v = self.v[layer][:, :, :start + T]
+        if start == 0 or attn_mask is not None:
+            return k, v, attn_mask, attn_mask is None
+        # the new queries see the cached prefix, plus a causal part of themselves
+        if T > 1:
+            attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=k.device).tril(start)
+        return k, v, attn_mask, False
 
 
 class CausalSelfAttention(nn.Module):
@@ -76,36 +101,29 @@ class CausalSelfAttention(nn.Module):
         self.register_buffer("v_cache", None, persistent=False)
 
     def forward(self, x, attn_mask=None, cache=None, layer=0, slot=None, rope=None, prefix=None):
-        B, T, C = x.size()
-        q, k, v = self.c_attn(x).split(C, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
+        B, T, C = x.size()  # batch, time (tokens), channels (n_embd)
+        hs = C // self.n_head  # head size
+        q, k, v = self.c_attn(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, hs).transpose(1, 2)  # (B, nh, T, hs)
         if rope is not None:  # keys are cached rotated, so a cached prefix needs no recomputing
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+            q = apply_rotary(q, *rope)
+            k = apply_rotary(k, *rope)
         is_causal = attn_mask is None
         if slot is not None:  # GPT.decode_step: one token, written at `slot`; attn_mask says which slots count
             self.k_cache.index_copy_(2, slot, k)
             self.v_cache.index_copy_(2, slot, v)
-            k, v, is_causal = self.k_cache, self.v_cache, False
-        elif cache is not None and cache.lengths is not None:  # one token per row, each at its own length
-            rows, at, S = torch.arange(B, device=x.device), cache.lengths, attn_mask.size(-1)
-            cache.k[layer][rows, :, at], cache.v[layer][rows, :, at] = k[:, :, 0], v[:, :, 0]
-            k, v, is_causal = cache.k[layer][:B, :, :S], cache.v[layer][:B, :, :S], False
-        elif cache is not None:
-            start = cache.length
-            cache.k[layer][:, :, start:start + T] = k
-            cache.v[layer][:, :, start:start + T] = v
-            k, v = cache.k[layer][:, :, :start + T], cache.v[layer][:, :, :start + T]
-            if start > 0 and attn_mask is None:  # new queries see the cached prefix plus a causal part of themselves
-                is_causal = False
-                if T > 1:
-                    attn_mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
-        if prefix is not None:  # P-Tuning v2 (adapters.py): learned keys and values before the text's, seen by all
+            k, v, is_causal = self.k_cache, self.v_cache, False  # (B, nh, block_size, hs)
+        elif cache is not None:  # the cache writes k and v and gives back all it holds: (B, nh, S, hs)
+            k, v, attn_mask, is_causal = cache.update(layer, k, v, attn_mask)
+        if prefix is not None:  # P-Tuning v2 (miniglm/adapters.py): learned keys and values, seen by every query
             k, v, attn_mask = prefixed(k, v, attn_mask, T, *prefix)
             is_causal = False
         # no dropout on the attention probabilities: on the CPU it forces SDPA's slow path (+16-30% a
         # step); dropout on the residual branches regularised the demo as well (benchmarks/README.md)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
 
 
@@ -358,7 +376,8 @@ class GPT(nn.Module):
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
         for block in self.transformer.h:
             a = block.attn
-            if a.k_cache is None or a.k_cache.shape != shape or a.k_cache.dtype != w.dtype or a.k_cache.device != w.device:
+            cache = a.k_cache
+            if cache is None or cache.shape != shape or cache.dtype != w.dtype or cache.device != w.device:
                 a.k_cache = torch.zeros(shape, device=w.device, dtype=w.dtype)
                 a.v_cache = torch.zeros(shape, device=w.device, dtype=w.dtype)
         attn = [block.attn for block in self.transformer.h]
@@ -378,7 +397,7 @@ class GPT(nn.Module):
 
     def decode_ragged(self, idx, cache):
         """Logits (B, vocab) of one new token per row, idx (B, 1), for the first B rows of a
-        KVCache whose row b holds cache.lengths[b] tokens (batching.py: requests that started
+        KVCache whose row b holds cache.lengths[b] tokens (miniglm/batching.py: requests that started
         at different times in one batch). The same computation as forward() with a KVCache."""
         keys = torch.arange(int(cache.lengths.max()) + 1, device=idx.device)
         attend = (keys[None, :] <= cache.lengths[:, None])[:, None, None, :]

@@ -8,17 +8,26 @@ Sample from a trained model, streaming tokens as they come (KV cache).
 
 Answers (--chat) are decoded with generation.DEFAULT_DECODING (greedy with a repetition
 penalty), text after --start with generation.WRITING (sampled, so samples differ); the
-flags override either. Generation itself is in generation.py.
+flags override either. Generation itself is in miniglm/generation.py.
 """
 import argparse
 import sys
 from pathlib import Path
 
-from checkpoint import load_model
-from constraint import CONSTRAINTS
 from data_utils import UserError, invalid_unicode, pick_device, run_cli
-from generation import (DEFAULT_DECODING, WRITING, add_decoding_flags, answer, chat_prompt, decoding_from_flags,
-                        model_constraint, model_template, stream_text)
+from miniglm.checkpoint import load_model
+from miniglm.constraint import CONSTRAINTS
+from miniglm.generation import (
+    DEFAULT_DECODING,
+    WRITING,
+    add_decoding_flags,
+    answer,
+    chat_prompt,
+    decoding_from_flags,
+    model_constraint,
+    model_template,
+    stream_text,
+)
 from model import DECODE_MODES
 
 
@@ -43,14 +52,10 @@ def main():
     args = p.parse_args()
     if args.max_new_tokens < 1:
         raise UserError("--max_new_tokens must be >= 1")
-    gen = dict(decoding_from_flags(args, DEFAULT_DECODING if args.chat else WRITING), max_new_tokens=args.max_new_tokens)
+    gen = dict(
+        decoding_from_flags(args, DEFAULT_DECODING if args.chat else WRITING), max_new_tokens=args.max_new_tokens
+    )
 
-    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode, args.base)
-    print(f"weights: {ckpt['weights']}", file=sys.stderr)  # (stderr: the sampled text alone goes to stdout)
-    constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
-    if args.chat and ckpt.get("kind") != "sft":
-        print(f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "
-              f"its answers will ramble (train SFT first: see README)", file=sys.stderr)
     start = args.start
     if start and start.startswith("FILE:"):
         path = Path(start[5:])
@@ -63,6 +68,15 @@ def main():
     if start and invalid_unicode(start):  # bytes that are not UTF-8 on the command line arrive as surrogates
         raise UserError(f"--start {invalid_unicode(start).removeprefix('text ')}; the prompt must be UTF-8")
 
+    model, tok, ckpt = load_model(args.out_dir, pick_device(args.device), args.decode, args.base)
+    print(f"weights: {ckpt['weights']}", file=sys.stderr)  # (stderr: the sampled text alone goes to stdout)
+    constraint, template = model_constraint(tok, ckpt, args.constrain), model_template(ckpt)
+    if args.chat and ckpt.get("kind") != "sft":
+        print(
+            f"warning: {args.out_dir} holds a pretrained model that was not fine-tuned on 问/答; "
+            f"its answers will ramble (train SFT first: see README)",
+            file=sys.stderr,
+        )
     if args.chat and start is None:
         return interactive_chat(model, tok, constraint, template, gen, args.seed)
     for i in range(args.num_samples):
@@ -76,7 +90,7 @@ def main():
             except ValueError as e:
                 raise UserError(str(e)) from None
         else:
-            ids = tok.encode(start or "\n")[-model.context_size:]
+            ids = tok.encode(start or "\n")[-model.context_size :]
             print(start or "", end="", flush=True)
             allowed = constraint.with_chars(start or "") if constraint else None
             for piece in stream_text(model, tok, ids, seed=seed, constraint=allowed, **gen):

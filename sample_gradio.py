@@ -18,10 +18,10 @@ from pathlib import Path
 
 import gradio as gr
 
-from checkpoint import load_model
-from constraint import CONSTRAINTS
 from data_utils import UserError, invalid_unicode, pick_device, read_jsonl, run_cli
-from generation import DEFAULT_DECODING, answer, chat_prompt, model_constraint, model_template
+from miniglm.checkpoint import load_model
+from miniglm.constraint import CONSTRAINTS
+from miniglm.generation import DEFAULT_DECODING, answer, chat_prompt, model_constraint, model_template
 from model import DECODE_MODES
 
 MAX_QUESTION_CHARS = 500
@@ -58,12 +58,19 @@ class NotServed(Exception):
     pass
 
 
+def open_model(path, device, decode_mode="eager"):
+    """load_model, and a line in the page's log saying which weights it took."""
+    model, tok, meta = load_model(path, device, decode_mode)
+    print(f"opened {meta['weights']}", flush=True)
+    return model, tok, meta
+
+
 class Models:
     """The page's checkpoints: only those in `allowed` (the list the page offers) are ever
     opened, and at most max_loaded stay in memory, the least recently used dropped first.
     One lock, so two sessions never load the same one twice."""
 
-    def __init__(self, allowed, device, max_loaded=2, load=load_model):
+    def __init__(self, allowed, device, max_loaded=2, load=open_model):
         self.allowed, self.device, self.max_loaded, self.load = set(allowed), device, max_loaded, load
         self.cache, self.lock = OrderedDict(), threading.Lock()
 
@@ -75,7 +82,6 @@ class Models:
                 self.cache.move_to_end(path)
             else:
                 self.cache[path] = self.load(path, self.device)
-                print(f"opened {self.cache[path][2].get('weights', path)}", flush=True)
                 while len(self.cache) > self.max_loaded:
                     self.cache.popitem(last=False)
             return self.cache[path]
@@ -96,28 +102,50 @@ def dialogue(history):
     out = []
     for user, bot in zip(turns, turns[1:]):
         if user.get("role") == "user" and bot.get("role") == "assistant":
-            out += [{"role": "user", "content": message_text(user)}, {"role": "assistant", "content": message_text(bot)}]
+            out += [
+                {"role": "user", "content": message_text(user)},
+                {"role": "assistant", "content": message_text(bot)},
+            ]
     return out
 
 
 def generation_settings(temperature, top_k, top_p, max_new_tokens, repetition_penalty):
     """The sliders' values as generation settings; a ValueError says which one is out of range
     (the page's sliders keep them in range; the API does not)."""
-    gen = dict(temperature=float(temperature), top_k=int(top_k) or None, top_p=float(top_p),
-               max_new_tokens=int(max_new_tokens), repetition_penalty=float(repetition_penalty),
-               no_repeat_ngram=DEFAULT_DECODING["no_repeat_ngram"])
-    if not (gen["temperature"] >= 0 and 0 < gen["top_p"] <= 1 and gen["max_new_tokens"] >= 1
-            and gen["repetition_penalty"] > 0 and (gen["top_k"] or 0) >= 0):
+    gen = dict(
+        temperature=float(temperature),
+        top_k=int(top_k) or None,
+        top_p=float(top_p),
+        max_new_tokens=int(max_new_tokens),
+        repetition_penalty=float(repetition_penalty),
+        no_repeat_ngram=DEFAULT_DECODING["no_repeat_ngram"],
+    )
+    if not (
+        gen["temperature"] >= 0
+        and 0 < gen["top_p"] <= 1
+        and gen["max_new_tokens"] >= 1
+        and gen["repetition_penalty"] > 0
+        and (gen["top_k"] or 0) >= 0
+    ):
         raise ValueError("temperature >= 0, 0 < top-p <= 1, max new tokens >= 1, repetition penalty > 0, top-k >= 0")
     return gen
 
 
 def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
-    models = Models(out_dirs, device, max_models, load=partial(load_model, decode_mode=decode_mode))
+    models = Models(out_dirs, device, max_models, load=partial(open_model, decode_mode=decode_mode))
     choices = out_dirs
 
-    def respond(question, history, ckpt, temperature, top_k, top_p, max_new_tokens, constrain="chars",
-                repetition_penalty=DEFAULT_DECODING["repetition_penalty"]):
+    def respond(
+        question,
+        history,
+        ckpt,
+        temperature,
+        top_k,
+        top_p,
+        max_new_tokens,
+        constrain="chars",
+        repetition_penalty=DEFAULT_DECODING["repetition_penalty"],
+    ):
         history = list(history or [])
         question = (question or "").strip() if isinstance(question, str) else ""
 
@@ -163,8 +191,9 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             return
         history += [{"role": "user", "content": question}, {"role": "assistant", "content": ""}]
         # whole characters only: the streamed pieces never hold half a character
-        for piece in answer(model, tok, past, question, constraint=model_constraint(tok, meta, constrain),
-                            template=template, **gen):
+        for piece in answer(
+            model, tok, past, question, constraint=model_constraint(tok, meta, constrain), template=template, **gen
+        ):
             history[-1]["content"] += piece
             yield history, ""
         if not history[-1]["content"]:
@@ -172,8 +201,10 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
         yield history, ""
 
     with gr.Blocks(title="MiniGLM chat") as app:
-        gr.Markdown("## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
-                    "Answers stream token by token; the conversation is kept as context.")
+        gr.Markdown(
+            "## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
+            "Answers stream token by token; the conversation is kept as context."
+        )
         with gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="对话", height=420)
@@ -183,17 +214,26 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
                     clear = gr.Button("清空 Clear")
                 gr.Examples(example_questions(sft_data), inputs=question, label="held-out questions")
             with gr.Column(scale=1):
-                ckpt = gr.Dropdown(choices, value=choices[0] if choices else None, label="checkpoint",
-                                   allow_custom_value=False)
+                ckpt = gr.Dropdown(
+                    choices, value=choices[0] if choices else None, label="checkpoint", allow_custom_value=False
+                )
                 d = DEFAULT_DECODING
                 temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.05, label="temperature (0 = greedy)")
                 top_k = gr.Slider(0, 200, value=d["top_k"] or 0, step=1, label="top-k (0 = off; sampling only)")
                 top_p = gr.Slider(0.05, 1.0, value=d["top_p"] or 1.0, step=0.05, label="top-p (sampling only)")
-                penalty = gr.Slider(1.0, 2.0, value=d["repetition_penalty"], step=0.05,
-                                    label="repetition penalty (1 = off): less looping")
+                penalty = gr.Slider(
+                    1.0,
+                    2.0,
+                    value=d["repetition_penalty"],
+                    step=0.05,
+                    label="repetition penalty (1 = off): less looping",
+                )
                 max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
-                constrain = gr.Radio(list(CONSTRAINTS), value="chars", label="decoding: known characters only / "
-                                     "any valid UTF-8 / off (raw byte tokens)")
+                constrain = gr.Radio(
+                    list(CONSTRAINTS),
+                    value="chars",
+                    label="decoding: known characters only / any valid UTF-8 / off (raw byte tokens)",
+                )
         inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain, penalty]
         send.click(respond, inputs, [chatbot, question], api_name="chat")
         question.submit(respond, inputs, [chatbot, question], api_name=False)
@@ -210,7 +250,9 @@ def main():
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     p.add_argument("--device", default="auto")
-    p.add_argument("--max_models", type=int, default=2, help="models kept in memory at once (least recently used dropped)")
+    p.add_argument(
+        "--max_models", type=int, default=2, help="models kept in memory at once (least recently used dropped)"
+    )
     p.add_argument("--decode", default="eager", choices=DECODE_MODES, help="decode steps (sample.py --help)")
     args = p.parse_args()
     if args.max_models < 1:

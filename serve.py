@@ -1,5 +1,5 @@
 """
-An OpenAI-compatible HTTP server for trained models, with continuous batching (batching.py).
+An OpenAI-compatible HTTP server for trained models, with continuous batching (miniglm/batching.py).
 
   python serve.py --out_dir=out/tiny-sft                      # http://127.0.0.1:8000/v1, model "tiny-sft"
   python serve.py --out_dir=out/tiny-sft --out_dir=out/tiny-pretrain --port 8001
@@ -35,12 +35,12 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException
 
-from batching import Busy, Engine, Job
-from chat_template import assistant_head, render_conversation
-from checkpoint import load_model
-from constraint import CONSTRAINTS
 from data_utils import UserError, invalid_unicode, pick_device, run_cli
-from generation import DEFAULT_DECODING, WRITING, decoding_from_flags, model_constraint, model_template
+from miniglm.batching import Busy, Engine, Job
+from miniglm.chat_template import assistant_head, render_conversation
+from miniglm.checkpoint import load_model
+from miniglm.constraint import CONSTRAINTS
+from miniglm.generation import DEFAULT_DECODING, WRITING, decoding_from_flags, model_constraint, model_template
 
 log = logging.getLogger("miniglm.serve")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -195,7 +195,12 @@ class Reply:
     def chunk(self, text=None, finish=None, first=False):
         choice = {"index": 0, "logprobs": None, "finish_reason": finish}
         if self.chat:
-            choice["delta"] = {"role": "assistant", "content": ""} if first else {} if text is None else {"content": text}
+            if first:
+                choice["delta"] = {"role": "assistant", "content": ""}
+            elif text is None:
+                choice["delta"] = {}
+            else:
+                choice["delta"] = {"content": text}
         else:
             choice["text"] = text or ""
         return self._wrap([choice], chunk=True)
@@ -295,6 +300,7 @@ async def stream(reply, job, events, include_usage):
 
 def make_app(models, api_key=None, max_body=1 << 20):
     """The FastAPI app serving models {id: Served}; their decode loops run while it does."""
+
     @asynccontextmanager
     async def lifespan(app):
         app.state.mailbox = Mailbox(asyncio.get_running_loop())
@@ -317,28 +323,44 @@ def make_app(models, api_key=None, max_body=1 << 20):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, e):
-        return JSONResponse(APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body,
-                            status_code=e.status_code)
+        return JSONResponse(
+            APIError(e.status_code, f"{request.method} {request.url.path}: {e.detail}").body, status_code=e.status_code
+        )
 
     @app.exception_handler(Exception)
     async def server_error(request, e):
         log.exception("%s %s failed", request.method, request.url.path)
-        return JSONResponse(APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body,
-                            status_code=500)
+        return JSONResponse(
+            APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").body, status_code=500
+        )
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_key(request)
-        return {"object": "list", "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "miniglm",
-             "max_model_len": s.model.context_size} for name, s in models.items()]}
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "miniglm",
+                    "max_model_len": s.model.context_size,
+                }
+                for name, s in models.items()
+            ],
+        }
 
     async def answer(request, cls):
         check_key(request)
         req = parse(cls, await read_json(request, max_body))
         if req.model not in models:
-            raise APIError(404, f"the model `{req.model}` does not exist here; this server serves "
-                                f"{', '.join(models)}", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"the model `{req.model}` does not exist here; this server serves {', '.join(models)}",
+                param="model",
+                code="model_not_found",
+            )
         return await complete(request, models[req.model], req)
 
     @app.post("/v1/chat/completions")
@@ -359,8 +381,9 @@ def load_models(out_dirs, device="cpu", constrain="chars", max_batch=32, max_que
         path = Path(out_dir)
         name = path.parent.name if path.suffix == ".pt" else path.name
         if name in models:
-            raise UserError(f"{out_dir}: another checkpoint is already served as model {name!r}; "
-                            f"give each its own folder name")
+            raise UserError(
+                f"{out_dir}: another checkpoint is already served as model {name!r}; give each its own folder name"
+            )
         model, tok, meta = load_model(out_dir, device)
         print(f"model {name}: {meta['weights']}", flush=True)
         models[name] = Served(name, model, tok, meta, constrain, max_batch, max_queue)
@@ -369,19 +392,33 @@ def load_models(out_dirs, device="cpu", constrain="chars", max_batch=32, max_que
 
 def main():
     import uvicorn
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out_dir", action="append", required=True, help="a checkpoint folder (or .pt) to serve; repeat "
-                   "for more. Its folder name is the model id")
+    p.add_argument(
+        "--out_dir",
+        action="append",
+        required=True,
+        help="a checkpoint folder (or .pt) to serve; repeat for more. Its folder name is the model id",
+    )
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 = this machine only (0.0.0.0: reachable from others)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api_key", default=os.environ.get("MINIGLM_API_KEY"),
-                   help="require Authorization: Bearer KEY (default: $MINIGLM_API_KEY; unset = no key)")
+    p.add_argument(
+        "--api_key",
+        default=os.environ.get("MINIGLM_API_KEY"),
+        help="require Authorization: Bearer KEY (default: $MINIGLM_API_KEY; unset = no key)",
+    )
     p.add_argument("--device", default="auto")
-    p.add_argument("--constrain", default="chars", choices=CONSTRAINTS, help="the decoding constraint (sample.py --help)")
+    p.add_argument(
+        "--constrain", default="chars", choices=CONSTRAINTS, help="the decoding constraint (sample.py --help)"
+    )
     p.add_argument("--max_batch", type=int, default=32, help="requests decoded together (the rest wait)")
     p.add_argument("--max_queue", type=int, default=64, help="requests waiting for a row; more get 429")
-    p.add_argument("--threads", type=int, default=max(1, (os.cpu_count() or 2) - 1),
-                   help="torch threads of the decode loops on a CPU (default: all cores but one, which serves HTTP)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, (os.cpu_count() or 2) - 1),
+        help="torch threads of the decode loops on a CPU (default: all cores but one, which serves HTTP)",
+    )
     p.add_argument("--max_body_bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     args = p.parse_args()
     if min(args.max_batch, args.max_body_bytes) < 1 or args.max_queue < 0:
@@ -392,9 +429,14 @@ def main():
     sys.setswitchinterval(0.001)
     models = load_models(args.out_dir, pick_device(args.device), args.constrain, args.max_batch, args.max_queue)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    print(f"serving {', '.join(models)} at http://{args.host}:{args.port}/v1"
-          + (" (API key required)" if args.api_key else ""), flush=True)
-    uvicorn.run(make_app(models, args.api_key, args.max_body_bytes), host=args.host, port=args.port, log_level="warning")
+    print(
+        f"serving {', '.join(models)} at http://{args.host}:{args.port}/v1"
+        + (" (API key required)" if args.api_key else ""),
+        flush=True,
+    )
+    uvicorn.run(
+        make_app(models, args.api_key, args.max_body_bytes), host=args.host, port=args.port, log_level="warning"
+    )
 
 
 if __name__ == "__main__":

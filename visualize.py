@@ -133,7 +133,8 @@ def plot_grpo(runs, out):
                                 color=run["color"], alpha=0.2)
         for key in sorted({k for e in run["eval"] for k in e if k.startswith("dev_pass@1_")}):
             points = [e for e in run["eval"] if key in e]
-            axes[1, 2].plot([e["iter"] for e in points], [e[key] for e in points], "o-", label=f"{run['name']} {key[11:]}")
+            label = f"{run['name']} {key[len('dev_pass@1_'):]}"
+            axes[1, 2].plot([e["iter"] for e in points], [e[key] for e in points], "o-", label=label)
     axes[1, 2].set(title="greedy pass@1 on dev questions (key facts)", xlabel="iteration")
     return save_panels(fig, axes.flat, out / "grpo.png")
 
@@ -142,15 +143,34 @@ def plot_dpo(runs, out):
     """dpo.png: trl's reward metrics of DPO runs, train (lines) and val pairs (points)."""
     fig, axes = plt.subplots(1, 3, figsize=(18, 4.2))
     for run in runs:
-        for ax, keys in zip(axes, (("rewards/chosen", "rewards/rejected"), ("rewards/margins",), ("rewards/accuracies",))):
+        for ax, keys in zip(
+            axes, (("rewards/chosen", "rewards/rejected"), ("rewards/margins",), ("rewards/accuracies",))
+        ):
             for key, style in zip(keys, ("-", ":")):
-                ax.plot([r["iter"] for r in run["train"]], [r[key] for r in run["train"]], style, color=run["color"],
-                        alpha=0.7, label=f"{run['name']} {key}")
+                ax.plot(
+                    [r["iter"] for r in run["train"]],
+                    [r[key] for r in run["train"]],
+                    style,
+                    color=run["color"],
+                    alpha=0.7,
+                    label=f"{run['name']} {key}",
+                )
                 points = [e for e in run["eval"] if f"val_{key}" in e]
-                ax.plot([e["iter"] for e in points], [e[f"val_{key}"] for e in points], "o", color=run["color"],
-                        label=f"{run['name']} val {key}")
-    for ax, title in zip(axes, ("rewards: beta x (log pi - log ref), chosen and rejected", "reward margin",
-                                "reward accuracy (chosen > rejected)")):
+                ax.plot(
+                    [e["iter"] for e in points],
+                    [e[f"val_{key}"] for e in points],
+                    "o",
+                    color=run["color"],
+                    label=f"{run['name']} val {key}",
+                )
+    for ax, title in zip(
+        axes,
+        (
+            "rewards: beta x (log pi - log ref), chosen and rejected",
+            "reward margin",
+            "reward accuracy (chosen > rejected)",
+        ),
+    ):
         ax.set(title=title, xlabel="iteration")
     return save_panels(fig, axes, out / "dpo.png")
 
@@ -167,7 +187,9 @@ def save_panels(fig, axes, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files")
+    p.add_argument(
+        "--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files"
+    )
     p.add_argument("--out_dir", default="plots")
     p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
     args = p.parse_args()

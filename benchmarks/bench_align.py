@@ -26,10 +26,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
-from evaluations import KEY_FACTS, answer_metrics, held_out_questions, key_fact, question_type  # noqa: E402
-from generation import DEFAULT_DECODING, GREEDY, answer_batch, model_constraint, model_template  # noqa: E402
+from miniglm.checkpoint import load_model  # noqa: E402
+from miniglm.generation import DEFAULT_DECODING, GREEDY, answer_batch, model_constraint, model_template  # noqa: E402
+from miniglm.metrics import KEY_FACTS, answer_metrics, held_out_questions, key_fact, question_type  # noqa: E402
 
 
 def train_run(spec, args, work):
@@ -96,14 +96,21 @@ def table(results, k):
     f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
     for r in results:
         bt = r["by_type"]
-        lines.append(f"| {r['run']} | {f(r['ms_iter'], '.0f')} | {f(r['reward_acc'], '.2f')} / {f(r['margin'], '.3f')} | "
-                     f"{r['char_f1']:.3f} | {r['exact_match']:.2f} | "
-                     + " | ".join(f"{bt.get(t, {}).get('char_f1', 0):.3f}" for t in types) + " | "
-                     + " | ".join(f"{round(bt[t]['key_fact_rate'] * bt[t]['questions'])} / "
-                                  f"{round(r['greedy_by_type'][t]['key_fact_rate'] * bt[t]['questions'])} / "
-                                  f"{r['pass_at_k'].get(t, '-')} of {bt[t]['questions']}" if t in bt else "-"
-                                  for t in facts)
-                     + f" | {r['distinct_2']:.3f} | {r['answers_with_fffd']} |")
+        lines.append(
+            f"| {r['run']} | {f(r['ms_iter'], '.0f')} | {f(r['reward_acc'], '.2f')} / {f(r['margin'], '.3f')} | "
+            f"{r['char_f1']:.3f} | {r['exact_match']:.2f} | "
+            + " | ".join(f"{bt.get(t, {}).get('char_f1', 0):.3f}" for t in types)
+            + " | "
+            + " | ".join(
+                f"{round(bt[t]['key_fact_rate'] * bt[t]['questions'])} / "
+                f"{round(r['greedy_by_type'][t]['key_fact_rate'] * bt[t]['questions'])} / "
+                f"{r['pass_at_k'].get(t, '-')} of {bt[t]['questions']}"
+                if t in bt
+                else "-"
+                for t in facts
+            )
+            + f" | {r['distinct_2']:.3f} | {r['answers_with_fffd']} |"
+        )
     return "\n".join(lines)
 
 
@@ -133,8 +140,10 @@ def main():
     print(table(results, args.k))
     for r in results:
         if r["sample_s"]:
-            print(f"{r['run']}: a step is {r['sample_s']:.2f} s sampling ({r['sample_tokens_per_s']:,.0f} tokens/s) "
-                  f"+ {r['learn_s']:.2f} s learning")
+            print(
+                f"{r['run']}: a step is {r['sample_s']:.2f} s sampling ({r['sample_tokens_per_s']:,.0f} tokens/s) "
+                f"+ {r['learn_s']:.2f} s learning"
+            )
     for r in results:
         print(f"\n{r['run']}:")
         for q, a in zip(r["questions"], r["answers"]):

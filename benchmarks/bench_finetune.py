@@ -23,11 +23,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
 from demo import SFT_CONFIGS, sft_rows  # noqa: E402
-from evaluations import answer_metrics, held_out_questions  # noqa: E402
-from generation import DEFAULT_DECODING, answer_batch, model_constraint, model_template  # noqa: E402
+from miniglm.checkpoint import load_model  # noqa: E402
+from miniglm.generation import DEFAULT_DECODING, answer_batch, model_constraint, model_template  # noqa: E402
+from miniglm.metrics import answer_metrics, held_out_questions  # noqa: E402
 
 
 def sft_data(pretrained, poems, rows, cache):
@@ -69,23 +69,43 @@ def measure(spec, method, data, out, stdout, args):
     preds = answer_batch(model, tok, [q for q, _ in questions], constraint=model_constraint(tok, meta),
                          template=model_template(meta), max_new_tokens=96, batch_size=32, **DEFAULT_DECODING)
     scores = answer_metrics(preds, questions)
-    return {"run": spec, "method": method, "trained": n_trained, "share": n_trained / total,
-            "best_kib": os.path.getsize(out / "best.pt") / 1024, "ckpt_kib": os.path.getsize(out / "ckpt.pt") / 1024,
-            "peak_mib": float(re.search(r"peak memory ([\d,]+) MiB", stdout).group(1).replace(",", "")),
-            "ms_iter": statistics.median(steps), "val_loss": [r for r in records if r["kind"] == "eval"][-1]["val_loss"],
-            "char_f1": scores["char_f1"], "by_type": {t: v["char_f1"] for t, v in scores["by_type"].items()},
-            "answers": preds[:5], "questions": [q for q, _ in questions[:5]]}
+    return {
+        "run": spec,
+        "method": method,
+        "trained": n_trained,
+        "share": n_trained / total,
+        "best_kib": os.path.getsize(out / "best.pt") / 1024,
+        "ckpt_kib": os.path.getsize(out / "ckpt.pt") / 1024,
+        "peak_mib": float(re.search(r"peak memory ([\d,]+) MiB", stdout).group(1).replace(",", "")),
+        "ms_iter": statistics.median(steps),
+        "val_loss": [r for r in records if r["kind"] == "eval"][-1]["val_loss"],
+        "char_f1": scores["char_f1"],
+        "by_type": {t: v["char_f1"] for t, v in scores["by_type"].items()},
+        "answers": preds[:5],
+        "questions": [q for q, _ in questions[:5]],
+    }
 
 
 def table(results):
     types = sorted({t for r in results for t in r["by_type"]})
-    head = ["run", "trained parameters", "best.pt / ckpt.pt", "peak RSS", "ms/iter", "answer val loss",
-            "dev char F1", *types]
+    head = [
+        "run",
+        "trained parameters",
+        "best.pt / ckpt.pt",
+        "peak RSS",
+        "ms/iter",
+        "answer val loss",
+        "dev char F1",
+        *types,
+    ]
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     for r in results:
-        lines.append(f"| {r['run']} | {r['trained']:,} ({r['share']:.2%}) | {r['best_kib']:,.0f} / {r['ckpt_kib']:,.0f} KiB"
-                     f" | {r['peak_mib']:,.0f} MiB | {r['ms_iter']:.0f} | {r['val_loss']:.3f} | {r['char_f1']:.3f} | "
-                     + " | ".join(f"{r['by_type'].get(t, 0):.3f}" for t in types) + " |")
+        lines.append(
+            f"| {r['run']} | {r['trained']:,} ({r['share']:.2%}) | {r['best_kib']:,.0f} / {r['ckpt_kib']:,.0f} KiB"
+            f" | {r['peak_mib']:,.0f} MiB | {r['ms_iter']:.0f} | {r['val_loss']:.3f} | {r['char_f1']:.3f} | "
+            + " | ".join(f"{r['by_type'].get(t, 0):.3f}" for t in types)
+            + " |"
+        )
     return "\n".join(lines)
 
 

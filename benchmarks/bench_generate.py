@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, pick_device, run_cli  # noqa: E402
+from miniglm.checkpoint import load_model  # noqa: E402
+from miniglm.generation import answer, answer_batch, generate, model_constraint  # noqa: E402
+from miniglm.metrics import held_out_questions  # noqa: E402
+from miniglm.tokenizer import GPT2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import GPT2  # noqa: E402
-from evaluations import held_out_questions  # noqa: E402
-from generation import answer, answer_batch, generate, model_constraint  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -48,7 +48,9 @@ def main():
     p.add_argument("--questions", type=int, default=40)
     p.add_argument("--gen_batch", type=int, default=16)
     p.add_argument("--max_new_tokens", type=int, default=96)
-    p.add_argument("--decode", help="comma-separated decode modes to time at batch 1 and --batch: eager, static, compiled")
+    p.add_argument(
+        "--decode", help="comma-separated decode modes to time at batch 1 and --batch: eager, static, compiled"
+    )
     p.add_argument("--batch", type=int, default=32, help="rows for --decode's batched figure")
     args = p.parse_args()
     device = pick_device(args.device)
@@ -57,8 +59,11 @@ def main():
     elif args.config:
         c = load_config([args.config])
         torch.manual_seed(0)
-        model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                              block_size=c["block_size"])).to(device).eval()
+        model = (
+            GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"]))
+            .to(device)
+            .eval()
+        )
         tok = GPT2
     else:
         raise UserError("give --out_dir or --config")
@@ -69,8 +74,10 @@ def main():
     plain, t_plain = timed(model, idx, n, False, device)
     assert torch.equal(cached, plain), "KV cache and recompute disagree"
     name = torch.cuda.get_device_name() if device.startswith("cuda") else f"cpu ({torch.get_num_threads()} threads)"
-    print(f"{name}: {model.num_params() / 1e6:.1f}M params, batch 1, {n} new tokens: "
-          f"KV cache {n / t_cache:,.0f} tok/s, recompute {n / t_plain:,.0f} tok/s, speed-up x{t_plain / t_cache:.1f}")
+    print(
+        f"{name}: {model.num_params() / 1e6:.1f}M params, batch 1, {n} new tokens: "
+        f"KV cache {n / t_cache:,.0f} tok/s, recompute {n / t_plain:,.0f} tok/s, speed-up x{t_plain / t_cache:.1f}"
+    )
     if args.decode:
         decode_modes(model, idx, n, args.decode.split(","), args.batch, device)
     if args.out_dir and args.sft_data:
@@ -80,8 +87,14 @@ def main():
 def decode_modes(model, idx, n, modes, batch, device):
     """Tokens/s of each decode mode at batch 1 and at `batch` rows (different prompts, no
     stop token, so every row writes n tokens), and whether its greedy tokens equal eager's."""
-    rows = torch.cat([idx, torch.randint(0, model.config.vocab_size, (batch - 1, idx.size(1)),
-                                         generator=torch.Generator().manual_seed(0)).to(device)])
+    rows = torch.cat(
+        [
+            idx,
+            torch.randint(
+                0, model.config.vocab_size, (batch - 1, idx.size(1)), generator=torch.Generator().manual_seed(0)
+            ).to(device),
+        ]
+    )
     want = {}
     for mode in ["eager"] + [m for m in modes if m != "eager"]:
         model.decode_mode = mode
@@ -102,21 +115,27 @@ def batched_vs_one_by_one(model, tok, ckpt, args):
         raise UserError(f"no held-out questions in {args.sft_data}/sft_val.jsonl")
     constraint = model_constraint(tok, ckpt)
     # warm-up: every constraint mask these answers reach is computed (and cached) before either clock runs
-    answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=args.max_new_tokens,
-                 batch_size=args.gen_batch)
+    answer_batch(
+        model, tok, questions, constraint=constraint, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch
+    )
     t0 = time.perf_counter()
-    one = ["".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=args.max_new_tokens,
-                          temperature=0)) for q in questions]
+    one = [
+        "".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=args.max_new_tokens, temperature=0))
+        for q in questions
+    ]
     t_one = time.perf_counter() - t0
     t0 = time.perf_counter()
-    batched = answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.gen_batch)
+    batched = answer_batch(
+        model, tok, questions, constraint=constraint, max_new_tokens=args.max_new_tokens, batch_size=args.gen_batch
+    )
     t_batch = time.perf_counter() - t0
     assert batched == one, "batched and one-by-one greedy answers differ"
     chars = sum(map(len, one))
-    print(f"{len(questions)} held-out questions, greedy, max {args.max_new_tokens} new tokens: one by one "
-          f"{t_one:.1f}s ({chars / t_one:,.0f} chars/s), batched x{args.gen_batch} {t_batch:.1f}s "
-          f"({chars / t_batch:,.0f} chars/s): speed-up x{t_one / t_batch:.1f}, identical answers")
+    print(
+        f"{len(questions)} held-out questions, greedy, max {args.max_new_tokens} new tokens: one by one "
+        f"{t_one:.1f}s ({chars / t_one:,.0f} chars/s), batched x{args.gen_batch} {t_batch:.1f}s "
+        f"({chars / t_batch:,.0f} chars/s): speed-up x{t_one / t_batch:.1f}, identical answers"
+    )
 
 
 if __name__ == "__main__":

@@ -18,10 +18,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import load_model  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
-from export_gguf import export, open_in_llama_cpp  # noqa: E402
-from generation import generate  # noqa: E402
+from miniglm.checkpoint import load_model  # noqa: E402
+from miniglm.export.gguf import export, open_in_llama_cpp  # noqa: E402
+from miniglm.generation import generate  # noqa: E402
 
 PROMPT = "问:《静夜思》的作者是谁?\n答:"
 

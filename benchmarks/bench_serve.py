@@ -29,12 +29,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from checkpoint import save_checkpoint  # noqa: E402
 from data_utils import UserError, run_cli  # noqa: E402
-from distributed import free_port  # noqa: E402
-from evaluations import held_out_questions  # noqa: E402
+from miniglm.checkpoint import save_checkpoint  # noqa: E402
+from miniglm.distributed import free_port  # noqa: E402
+from miniglm.metrics import held_out_questions  # noqa: E402
+from miniglm.tokenizer import GPT2  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from tokenizer import GPT2  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -168,7 +168,8 @@ def main():
 
 
 def bench(url, model, questions, counts, args):
-    asyncio.run(run_clients(url, model, [questions[i::8] for i in range(8)], args.time_limit, args.max_tokens))  # warm-up
+    warm_up = [questions[i::8] for i in range(8)]
+    asyncio.run(run_clients(url, model, warm_up, args.time_limit, args.max_tokens))
     one, elapsed = asyncio.run(run_clients(url, model, [questions], args.time_limit, args.max_tokens))
     reference = {q: r[0] for q, r in one if not isinstance(r, Exception)}
     rows = [summarize(1, one, elapsed, len(questions), reference)]
@@ -185,16 +186,23 @@ def bench(url, model, questions, counts, args):
 def report(rows, out_dir, n_params, args, placement):
     base = rows[0]
     threads = args.threads or max(1, (os.cpu_count() or 2) - 1)
-    print(f"\n{out_dir}" + (f" ({n_params / 1e6:.1f}M parameters, random weights)" if n_params else "")
-          + (f"; {args.device}" if args.device != "cpu" else "")
-          + f"; {os.cpu_count()} CPU cores, the server's decode loop on {threads} thread(s); greedy, "
-          f"max_tokens {args.max_tokens}; {args.requests} requests per client; {placement}")
-    print("| clients | requests | tokens | tokens/s | x 1 client | TTFT p50 | TTFT p95 | p95 / unloaded | lost | differ |")
+    print(
+        f"\n{out_dir}"
+        + (f" ({n_params / 1e6:.1f}M parameters, random weights)" if n_params else "")
+        + (f"; {args.device}" if args.device != "cpu" else "")
+        + f"; {os.cpu_count()} CPU cores, the server's decode loop on {threads} thread(s); greedy, "
+        f"max_tokens {args.max_tokens}; {args.requests} requests per client; {placement}"
+    )
+    print(
+        "| clients | requests | tokens | tokens/s | x 1 client | TTFT p50 | TTFT p95 | p95 / unloaded | lost | differ |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['n']} | {r['requests']} | {r['tokens']} | {r['tok_s']:,.0f} | x{r['tok_s'] / base['tok_s']:.1f} | "
-              f"{r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | x{r['p95'] / base['p95']:.1f} | {r['lost']} | "
-              f"{r['differ']} |")
+        print(
+            f"| {r['n']} | {r['requests']} | {r['tokens']} | {r['tok_s']:,.0f} | x{r['tok_s'] / base['tok_s']:.1f} | "
+            f"{r['p50'] * 1000:.0f} ms | {r['p95'] * 1000:.0f} ms | x{r['p95'] / base['p95']:.1f} | {r['lost']} | "
+            f"{r['differ']} |"
+        )
     if any(r["lost"] or r["differ"] for r in rows):
         raise UserError("requests were lost or answers differed from one-by-one greedy (see the table)")
 

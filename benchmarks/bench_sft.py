@@ -19,11 +19,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from data_utils import SFTData, UserError, pick_device, run_cli  # noqa: E402
 from data.prepare_sft import vocabulary  # noqa: E402
+from data_utils import SFTData, UserError, pick_device, run_cli  # noqa: E402
+from miniglm.distributed import pick_dtype  # noqa: E402
+from miniglm.optimizers import configure_optimizers  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from optimizers import configure_optimizers  # noqa: E402
-from distributed import pick_dtype  # noqa: E402
 
 
 def build(out_dir, args, *extra):
@@ -69,8 +69,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--poems", nargs="+", default=[str(ROOT / "data" / "fortunes-zh" / "docs.jsonl")],
                    help="the default set's poems (data/fetch_data.py fortunes-zh)")
-    p.add_argument("--vocab", default=str(ROOT / "data" / "fortunes-zh"),
-                   help="'gpt2', a folder with vocab.json, a bpe-N.json or a checkpoint (default: fortunes-zh's trimmed vocabulary)")
+    p.add_argument(
+        "--vocab",
+        default=str(ROOT / "data" / "fortunes-zh"),
+        help="'gpt2', a folder with vocab.json, a bpe-N.json or a checkpoint "
+        "(default: fortunes-zh's trimmed vocabulary)",
+    )
     p.add_argument("--block_size", type=int, default=256, help="row length, as prepare_sft.py's")
     p.add_argument("--n_layer", type=int, default=4)
     p.add_argument("--n_head", type=int, default=4)
@@ -85,9 +89,11 @@ def main():
             raise UserError(f"{path} not found: run data/fetch_data.py fortunes-zh first")
     device = pick_device(args.device)
     tok = vocabulary(args.vocab)
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads; model {args.n_layer}x{args.n_embd}, vocabulary {tok.name}, "
-          f"batch {args.batch_size}x{args.block_size - 1}, {args.iters} steps each")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads; model {args.n_layer}x{args.n_embd}, vocabulary {tok.name}, "
+        f"batch {args.batch_size}x{args.block_size - 1}, {args.iters} steps each"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         modes = {"padded": [], "packed": ["--pack"]}
         metas = {m: build(Path(tmp) / m, args, *extra) for m, extra in modes.items()}
@@ -103,9 +109,11 @@ def main():
                     totals[m][1] += trained
     for m, (seconds, trained) in totals.items():
         meta = metas[m]
-        print(f"{m:>7}: {meta['train_rows']:,} rows for {meta['train_samples']:,} samples, "
-              f"{meta['train_mask_share'] * 100:.1f}% of tokens trained; {seconds / args.iters * 1000:.0f} ms/step, "
-              f"{trained / args.iters:,.0f} trained tokens/step, {trained / seconds:,.0f} trained tokens/s")
+        print(
+            f"{m:>7}: {meta['train_rows']:,} rows for {meta['train_samples']:,} samples, "
+            f"{meta['train_mask_share'] * 100:.1f}% of tokens trained; {seconds / args.iters * 1000:.0f} ms/step, "
+            f"{trained / args.iters:,.0f} trained tokens/step, {trained / seconds:,.0f} trained tokens/s"
+        )
     speed = {m: t / s for m, (s, t) in totals.items()}
     print(f"packed / padded trained tokens per second: {speed['packed'] / speed['padded']:.2f}x")
 

@@ -3,7 +3,8 @@ Training throughput of a config: tokens/s and an MFU-style ratio (achieved FLOP/
 FLOP/s of a large matmul measured in the same run, same dtype).
 
   python benchmarks/bench_train.py config/train_tiny_cpu.py config/train_config.py --iters=5
-  python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 --loss_chunk_rows=512,0 --profile
+  python benchmarks/bench_train.py config/train_config.py --batch_size=8 --block_size=256 \\
+      --loss_chunk_rows=512,0 --profile
   python benchmarks/bench_train.py config/train_config.py --iters=20 --loss_chunk_rows=4096,1024,0 --profile  # GPU
 
 --profile adds where one step's time goes (torch.profiler, self time of each op, grouped).
@@ -22,6 +23,7 @@ memory (RSS on the CPU, max_memory_allocated on CUDA) and the tokens/s of the wh
   python benchmarks/bench_train.py config/train_config.py --parallel=ddp,fsdp,fsdp-zero2 --worlds=1,2,4 \
       --batch_size=2 --block_size=256 --iters=4
 """
+
 import argparse
 import json
 import os
@@ -38,10 +40,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data_utils import pick_device, run_cli  # noqa: E402
+from miniglm.distributed import measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
+from miniglm.optimizers import configure_optimizers, pick_ns_dtype  # noqa: E402
+from miniglm.tokenizer import data_vocabulary  # noqa: E402
 from model import GPT, GPTConfig  # noqa: E402
-from optimizers import configure_optimizers, muon_matrices, pick_ns_dtype  # noqa: E402
-from tokenizer import data_vocabulary  # noqa: E402
-from distributed import measure_peak_flops, pick_dtype, pick_loss_chunk_rows  # noqa: E402
 from train import load_config  # noqa: E402
 
 
@@ -50,6 +52,7 @@ def where_time_goes(step, cuda=False):
     grouped into the parts that matter; on CUDA also the share the GPU sat idle."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile, record_function
+
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         with record_function("step"):
@@ -109,8 +112,17 @@ def gpu_part(kernel):
     return "other kernels (fused elementwise: LayerNorm, GELU, adds, casts)"
 
 
-def bench(config_path, iters, device, batch_size, block_size=None, profile=False, loss_chunk_rows=(None,),
-          compile="auto", compile_mode="default"):
+def bench(
+    config_path,
+    iters,
+    device,
+    batch_size,
+    block_size=None,
+    profile=False,
+    loss_chunk_rows=(None,),
+    compile="auto",
+    compile_mode="default",
+):
     """Steps of each loss_chunk_rows setting alternate (one at a time on the CPU, in blocks
     of `iters` on a GPU), so a busy moment of a shared machine costs each the same; the
     median is reported."""
@@ -118,8 +130,11 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
     c["block_size"] = block_size or c["block_size"]
     torch.manual_seed(0)
     vocab = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]).vocab_size  # trimmed/bpe: the config's data
-    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                          vocab_size=vocab))
+    model = GPT(
+        GPTConfig(
+            n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"], vocab_size=vocab
+        )
+    )
     model.to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     default_rows = pick_loss_chunk_rows(c["loss_chunk_rows"], device_type)  # what train.py would use
@@ -162,14 +177,19 @@ def bench(config_path, iters, device, batch_size, block_size=None, profile=False
         dt = statistics.median(times[rows])
         tok_s = B * T / dt
         mfu = model.flops_per_token() * tok_s / peak
-        print(f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
-              f"{f'compile ({compile_mode})' if use_compile else 'eager'}, "
-              f"loss_chunk_rows {rows}: {dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, "
-              f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%")
+        print(
+            f"{config_path}: {model.num_params() / 1e6:.1f}M params, batch {B}x{T}, {str(dtype)[6:]}, "
+            f"{f'compile ({compile_mode})' if use_compile else 'eager'}, "
+            f"loss_chunk_rows {rows}: {dt * 1000:.0f} ms/step, {tok_s:,.0f} tokens/s, "
+            f"matmul peak {peak / 1e9:,.0f} GFLOP/s, MFU {mfu * 100:.1f}%"
+        )
     if len(variants) > 1:
         base = statistics.median(times[variants[-1]])
-        print("  speed vs loss_chunk_rows " + f"{variants[-1]}: " +
-              ", ".join(f"{rows}: x{base / statistics.median(times[rows]):.2f}" for rows in variants[:-1]))
+        print(
+            "  speed vs loss_chunk_rows "
+            + f"{variants[-1]}: "
+            + ", ".join(f"{rows}: x{base / statistics.median(times[rows]):.2f}" for rows in variants[:-1])
+        )
     for rows in variants if profile else []:
         model.loss_chunk_rows = rows
         print(f"  where one step's time goes, loss_chunk_rows {rows}:")
@@ -182,15 +202,24 @@ def bench_optimizer(config_path, iters, device):
     c = load_config([config_path])
     torch.manual_seed(0)
     vocab = data_vocabulary(c["data_dir"], c["vocab"], c["vocab_size"]).vocab_size
-    model = GPT(GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"], block_size=c["block_size"],
-                          vocab_size=vocab, rope=c["rope"])).to(device)
+    model = GPT(
+        GPTConfig(
+            n_layer=c["n_layer"],
+            n_head=c["n_head"],
+            n_embd=c["n_embd"],
+            block_size=c["block_size"],
+            vocab_size=vocab,
+            rope=c["rope"],
+        )
+    ).to(device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     muon_lr = c["muon_lr"] or 0.01
     auto, why = pick_ns_dtype("auto", device)
     optimizers = {"AdamW": configure_optimizers(model, 0.1, 1e-4, (0.9, 0.95), device_type)}
     for dtype in (torch.float32, torch.bfloat16):
         optimizers[f"Muon + AdamW, Newton-Schulz in {str(dtype)[6:]}"] = configure_optimizers(
-            model, 0.1, 1e-4, (0.9, 0.95), device_type, muon_lr, dtype)
+            model, 0.1, 1e-4, (0.9, 0.95), device_type, muon_lr, dtype
+        )
     x = torch.randint(0, vocab, (c["batch_size"], c["block_size"]), device=device)
     sync = torch.cuda.synchronize if device_type == "cuda" else (lambda: None)
 
@@ -212,31 +241,52 @@ def bench_optimizer(config_path, iters, device):
         if i >= 2:
             fwd_bwd.append(t)
     base = statistics.median(fwd_bwd)
-    print(f"{config_path}: {model.num_params() / 1e6:.2f}M params, batch {x.shape[0]}x{x.shape[1]}, fp32; "
-          f"forward + backward {base * 1000:.1f} ms; Muon's 'auto' picks {str(auto)[6:]} ({why})")
+    print(
+        f"{config_path}: {model.num_params() / 1e6:.2f}M params, batch {x.shape[0]}x{x.shape[1]}, fp32; "
+        f"forward + backward {base * 1000:.1f} ms; Muon's 'auto' picks {str(auto)[6:]} ({why})"
+    )
     for name, times in steps.items():
         dt = statistics.median(times)
         print(f"  {name}: step {dt * 1000:.1f} ms = x{dt / base:.2f} of forward + backward")
 
 
-PARALLEL = {"ddp": ["--parallel=ddp"], "fsdp": ["--parallel=fsdp", "--reshard_after_forward=True"],
-            "fsdp-zero2": ["--parallel=fsdp", "--reshard_after_forward=False"]}
+PARALLEL = {
+    "ddp": ["--parallel=ddp"],
+    "fsdp": ["--parallel=fsdp", "--reshard_after_forward=True"],
+    "fsdp-zero2": ["--parallel=fsdp", "--reshard_after_forward=False"],
+}
 
 
 def bench_parallel(config, modes, worlds, iters, overrides, device):
     """train.py under torchrun, per world size and mode: what each process holds, and tokens/s."""
     root = Path(__file__).resolve().parent.parent
     cores = os.cpu_count() or 1
-    print(f"| {Path(config).name} | processes | weights / process | gradients | optimizer state | peak / process "
-          f"| tokens/s (all) |\n|---|---|---|---|---|---|---|")
+    print(
+        f"| {Path(config).name} | processes | weights / process | gradients | optimizer state | peak / process "
+        f"| tokens/s (all) |\n|---|---|---|---|---|---|---|"
+    )
     for world in worlds:
         for mode in modes:
             with tempfile.TemporaryDirectory() as out:
                 env = dict(os.environ, OMP_NUM_THREADS=str(max(1, cores // world)))
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                       "train.py", config, *PARALLEL[mode], *overrides, f"--out_dir={out}", f"--max_iters={iters}",
-                       f"--eval_interval={iters}", "--log_interval=1", "--gradient_accumulation_steps=4",
-                       "--eval_iters=4", f"--device={device}"]
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "torch.distributed.run",
+                    "--standalone",
+                    f"--nproc_per_node={world}",
+                    "train.py",
+                    config,
+                    *PARALLEL[mode],
+                    *overrides,
+                    f"--out_dir={out}",
+                    f"--max_iters={iters}",
+                    f"--eval_interval={iters}",
+                    "--log_interval=1",
+                    "--gradient_accumulation_steps=4",
+                    "--eval_iters=4",
+                    f"--device={device}",
+                ]
                 proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     print(f"| {mode} | {world} | failed: {proc.stderr.strip().splitlines()[-1][:150]} |")
@@ -244,10 +294,15 @@ def bench_parallel(config, modes, worlds, iters, overrides, device):
                 log = [json.loads(line) for line in open(Path(out) / "log.jsonl")]
             procs = next(r["processes"] for r in log if r["kind"] == "memory")
             tok_s = statistics.median(r["tokens_per_s"] for r in log if r["kind"] == "train" and r["iter"] > 1)
-            cells = [" / ".join(f"{p.get(k, 0) / 2 ** 20:.1f}" for p in procs[:2]) + (" …" if len(procs) > 2 else "")
-                     + " MiB" for k in ("params", "grads", "optimizer")]
-            print(f"| {mode} | {world} | {' | '.join(cells)} | {max(p['peak_mib'] for p in procs):,.0f} MiB "
-                  f"| {tok_s:,.0f} |", flush=True)
+            cells = [
+                " / ".join(f"{p.get(k, 0) / 2**20:.1f}" for p in procs[:2]) + (" …" if len(procs) > 2 else "") + " MiB"
+                for k in ("params", "grads", "optimizer")
+            ]
+            print(
+                f"| {mode} | {world} | {' | '.join(cells)} | {max(p['peak_mib'] for p in procs):,.0f} MiB "
+                f"| {tok_s:,.0f} |",
+                flush=True,
+            )
 
 
 def main():
@@ -256,8 +311,11 @@ def main():
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--batch_size", type=int, help="override the config's batch size")
     p.add_argument("--block_size", type=int, help="override the config's block size")
-    p.add_argument("--loss_chunk_rows", help="model.loss_chunk_rows, or several, comma-separated, to compare in "
-                                             "one run; 0 = the plain full-logits loss (default: train.py's 'auto')")
+    p.add_argument(
+        "--loss_chunk_rows",
+        help="model.loss_chunk_rows, or several, comma-separated, to compare in "
+        "one run; 0 = the plain full-logits loss (default: train.py's 'auto')",
+    )
     p.add_argument("--compile", default="auto", choices=["auto", "0", "1"], help="torch.compile ('auto': on CUDA)")
     p.add_argument("--compile_mode", default="default", help="torch.compile's mode, e.g. max-autotune")
     p.add_argument("--profile", action="store_true", help="also print where one step's time goes")
@@ -269,19 +327,35 @@ def main():
     if args.parallel:
         overrides = [f"--{k}={getattr(args, k)}" for k in ("batch_size", "block_size") if getattr(args, k)]
         for cfg in args.configs:
-            bench_parallel(cfg, args.parallel.split(","), [int(w) for w in args.worlds.split(",")], args.iters,
-                           overrides, "cuda" if pick_device(args.device).startswith("cuda") else "cpu")
+            bench_parallel(
+                cfg,
+                args.parallel.split(","),
+                [int(w) for w in args.worlds.split(",")],
+                args.iters,
+                overrides,
+                "cuda" if pick_device(args.device).startswith("cuda") else "cpu",
+            )
         return
     device = pick_device(args.device)
-    print(f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} CPU threads")
+    print(
+        f"device: {torch.cuda.get_device_name() if device.startswith('cuda') else device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads"
+    )
     for cfg in args.configs:
         if args.optimizer:
             bench_optimizer(cfg, args.iters, device)
             continue
-        bench(cfg, args.iters, device, args.batch_size, args.block_size, args.profile,
-              [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None],
-              args.compile, args.compile_mode)
+        bench(
+            cfg,
+            args.iters,
+            device,
+            args.batch_size,
+            args.block_size,
+            args.profile,
+            [int(r) for r in args.loss_chunk_rows.split(",")] if args.loss_chunk_rows else [None],
+            args.compile,
+            args.compile_mode,
+        )
 
 
 if __name__ == "__main__":

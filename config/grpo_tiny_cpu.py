@@ -1,5 +1,5 @@
 # GRPO of the tiny CPU SFT model (config/sft_tiny_cpu.py) with rewards that can be checked
-# (rewards.py: the exact author, the exact next line, char F1 as partial credit, a format term).
+# (miniglm/align/rewards.py: the exact author, the exact next line, char F1 as partial credit, a format term).
 #   python train.py config/grpo_tiny_cpu.py          # or: python demo.py --align=grpo
 # Each iteration samples grpo_group answers to each of grpo_prompts SFT *train* questions from the
 # current model, scores them, and pushes up the answers better than their group's mean. The

@@ -137,10 +137,13 @@ def records_to_docs(records, source, book_author=""):
             continue
         nested = r.get("content")
         if isinstance(nested, list) and nested and isinstance(nested[0], dict):
-            docs += records_to_docs(nested, source, r.get("author") if isinstance(r.get("author"), str) else book_author)
+            author = r.get("author") if isinstance(r.get("author"), str) else book_author
+            docs += records_to_docs(nested, source, author)
             continue
         lines = r.get("paragraphs") or r.get("content") or r.get("para") or []
-        lines = [lines] if isinstance(lines, str) else [ln.strip() for ln in lines if isinstance(ln, str) and ln.strip()]
+        lines = (
+            [lines] if isinstance(lines, str) else [ln.strip() for ln in lines if isinstance(ln, str) and ln.strip()]
+        )
         title = r.get("title") or r.get("rhythmic") or r.get("chapter") or ""
         if r.get("rhythmic") and r.get("title") and not r["title"].startswith(r["rhythmic"]):  # 花间集 has both
             title = f"{r['rhythmic']}·{r['title']}"
@@ -157,8 +160,9 @@ def to_simplified(docs):
     try:
         import opencc
     except ImportError:
-        raise UserError("the opencc package is missing: pip install -r requirements.txt "
-                        "(or pass --keep_traditional)") from None
+        raise UserError(
+            "the opencc package is missing: pip install -r requirements.txt (or pass --keep_traditional)"
+        ) from None
     t2s = opencc.OpenCC("t2s").convert
     for d in docs:
         for key in ("text", "title", "author"):
@@ -189,8 +193,9 @@ def fetch_chinese_poetry(args):
         try:
             records = json.loads(src.read_text(encoding="utf-8"))
         except UnicodeDecodeError as e:
-            raise UserError(f"{src}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                            f"delete it to download it again") from None
+            raise UserError(
+                f"{src}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start}); delete it to download it again"
+            ) from None
         except json.JSONDecodeError as e:
             raise UserError(f"{src}:{e.lineno}: bad JSON ({e.msg}); delete it to download it again") from None
         except (RecursionError, ValueError):
@@ -209,8 +214,10 @@ def fetch_chinese_poetry(args):
         by_collection.setdefault(d["source"], []).append(d)
     if args.max_per_collection:  # a seeded sample of the large collections (songci: 21k ci)
         rng = random.Random(args.seed)
-        by_collection = {n: rng.sample(ds, args.max_per_collection) if len(ds) > args.max_per_collection else ds
-                         for n, ds in by_collection.items()}
+        by_collection = {
+            n: rng.sample(ds, args.max_per_collection) if len(ds) > args.max_per_collection else ds
+            for n, ds in by_collection.items()
+        }
     return [d for ds in by_collection.values() for d in ds]
 
 
@@ -225,8 +232,10 @@ def clean_poetry(docs):
         elif d["text"] not in seen:
             seen.add(d["text"])
             kept.append(d)
-    print(f"kept {len(kept):,} of {len(docs):,} documents: {len(docs) - len(kept) - unreadable:,} duplicates, "
-          f"{unreadable:,} with unreadable characters (U+FFFD, private use) left out")
+    print(
+        f"kept {len(kept):,} of {len(docs):,} documents: {len(docs) - len(kept) - unreadable:,} duplicates, "
+        f"{unreadable:,} with unreadable characters (U+FFFD, private use) left out"
+    )
     return kept
 
 
@@ -262,7 +271,7 @@ def fetch_local(args):
                 if isinstance(r, dict) and isinstance(r.get("text"), str) and r["text"].strip():
                     docs.append({"text": r["text"], "source": path.name})
                 elif args.strict:
-                    raise UserError(f"{path}:{lineno}: expected an object with a non-empty \"text\" string")
+                    raise UserError(f'{path}:{lineno}: expected an object with a non-empty "text" string')
                 else:
                     bad.append(f"{path}:{lineno}")
             bad += bad_lines
@@ -283,21 +292,33 @@ def main():
     parser.add_argument("--out_dir", help="where docs.jsonl goes (default data/<dataset> or data/<name>)")
     parser.add_argument("--fortunes_dir", default=str(FORTUNES_DIR))
     parser.add_argument("--mirror", help="read chinese-poetry from this local copy instead of the network")
-    parser.add_argument("--collections", nargs="+", help=f"chinese-poetry subsets (default all): {' '.join(COLLECTIONS)}")
+    parser.add_argument(
+        "--collections", nargs="+", help=f"chinese-poetry subsets (default all): {' '.join(COLLECTIONS)}"
+    )
     parser.add_argument("--ref", default="master", help="chinese-poetry git ref to download")
-    parser.add_argument("--max_per_collection", type=int, help="chinese-poetry: a seeded sample of at most this many "
-                                                               "documents of each collection")
+    parser.add_argument(
+        "--max_per_collection",
+        type=int,
+        help="chinese-poetry: a seeded sample of at most this many documents of each collection",
+    )
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--input", nargs="+", help="local .txt/.jsonl files or folders")
     parser.add_argument("--name", default="custom", help="dataset name for local input")
     parser.add_argument("--txt_sep", help="split .txt files into documents on this string (default: one per file)")
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
-    parser.add_argument("--keep_traditional", action="store_true",
-                        help="chinese-poetry: keep traditional characters (default: OpenCC t2s to simplified)")
+    parser.add_argument(
+        "--keep_traditional",
+        action="store_true",
+        help="chinese-poetry: keep traditional characters (default: OpenCC t2s to simplified)",
+    )
     args = parser.parse_args()
 
-    fetch = {"fortunes-zh": fetch_fortunes, "embedded": fetch_embedded, "chinese-poetry": fetch_chinese_poetry,
-             "local": fetch_local}[args.dataset]
+    fetch = {
+        "fortunes-zh": fetch_fortunes,
+        "embedded": fetch_embedded,
+        "chinese-poetry": fetch_chinese_poetry,
+        "local": fetch_local,
+    }[args.dataset]
     docs = fetch(args)
     if not docs:
         raise UserError("no documents found")
@@ -307,20 +328,34 @@ def main():
     if args.dataset == "chinese-poetry":
         docs = clean_poetry(docs)
     out_dir = Path(args.out_dir or DATA_DIR / (args.name if args.dataset == "local" else args.dataset))
-    atomic_write(out_dir / "docs.jsonl", lambda f: f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), mode="w")
+    atomic_write(
+        out_dir / "docs.jsonl", lambda f: f.writelines(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), mode="w"
+    )
     poems = sum("lines" in d for d in docs)
     chars = sum(len(d["text"]) for d in docs)
-    source = {"fortunes-zh": lambda: str(args.fortunes_dir), "local": lambda: args.input,
-              "embedded": lambda: f"{EMBEDDED.relative_to(DATA_DIR.parent)} (sha256 {sha256_of(EMBEDDED)})",
-              "chinese-poetry": lambda: args.mirror or UPSTREAM.format(ref=args.ref, path="")}[args.dataset]()
-    write_json(out_dir / "docs.meta.json", {
-        "dataset": args.dataset, "source": source,
-        "collections": args.collections if args.dataset == "chinese-poetry" else None,
-        "max_per_collection": args.max_per_collection if args.dataset == "chinese-poetry" else None,
-        "conversion": conversion or ("OpenCC t2s, when it was built" if args.dataset == "embedded" else None),
-        "documents": len(docs), "poems": poems, "characters": chars})
-    print(f"wrote {len(docs):,} documents ({poems:,} poems, {chars:,} characters) to {out_dir / 'docs.jsonl'}"
-          + (f", converted to simplified characters ({conversion})" if conversion else ""))
+    source = {
+        "fortunes-zh": lambda: str(args.fortunes_dir),
+        "local": lambda: args.input,
+        "embedded": lambda: f"{EMBEDDED.relative_to(DATA_DIR.parent)} (sha256 {sha256_of(EMBEDDED)})",
+        "chinese-poetry": lambda: args.mirror or UPSTREAM.format(ref=args.ref, path=""),
+    }[args.dataset]()
+    write_json(
+        out_dir / "docs.meta.json",
+        {
+            "dataset": args.dataset,
+            "source": source,
+            "collections": args.collections if args.dataset == "chinese-poetry" else None,
+            "max_per_collection": args.max_per_collection if args.dataset == "chinese-poetry" else None,
+            "conversion": conversion or ("OpenCC t2s, when it was built" if args.dataset == "embedded" else None),
+            "documents": len(docs),
+            "poems": poems,
+            "characters": chars,
+        },
+    )
+    print(
+        f"wrote {len(docs):,} documents ({poems:,} poems, {chars:,} characters) to {out_dir / 'docs.jsonl'}"
+        + (f", converted to simplified characters ({conversion})" if conversion else "")
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tqdm import tqdm  # noqa: E402
 
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
-from tokenizer import GPT2, VOCAB_SHA256, bpe_file, train_bpe, trimmed_vocabulary  # noqa: E402
+from miniglm.tokenizer import GPT2, VOCAB_SHA256, bpe_file, train_bpe, trimmed_vocabulary  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 

@@ -2,7 +2,8 @@
 Preference pairs for DPO (train.py stage='dpo'): each pair is two rows of block_size token ids,
 the chosen answer's and the rejected one's, after the same prompt, with a 0/1 loss mask on the
 answer tokens and the end token (pairs_{train,val}.bin, uint16; pairs_{train,val}_mask.bin;
-row 2k chosen, row 2k+1 rejected), the pairs as text (pairs_{train,val}.jsonl) and meta.json. The chat template is the checkpoint's own.
+row 2k chosen, row 2k+1 rejected), the pairs as text (pairs_{train,val}.jsonl) and meta.json.
+The chat template is the checkpoint's own.
 
   python data/prepare_pairs.py --vocab out/tiny-sft --input prefs.jsonl --out_dir data/pairs
   python data/prepare_pairs.py --vocab out/tiny-sft --on_policy --sft_data data/sft --out_dir data/pairs
@@ -13,11 +14,13 @@ Input (--input, JSON list or JSONL), trl's preference formats:
   implicit prompt {"chosen": [messages], "rejected": [messages]} (minimind's lines): the messages
                   both share are the prompt, the last assistant message of each is its answer.
 --on_policy builds pairs from the model itself: for each question of the SFT *train* split (none
-whose text is also a held-out question: those stay untouched), chosen is the reference answer and rejected is the first of
-the model's own sampled answers whose char F1 against it is below --max_f1.
+whose text is also a held-out question: those stay untouched), chosen is the reference answer
+and rejected is the first of the model's own sampled answers whose char F1 against it is below
+--max_f1.
 A record without a field, with an empty answer, or with chosen = rejected is dropped and counted
 (--strict: stop at the first, naming file:line).
 """
+
 import argparse
 import json
 import random
@@ -28,9 +31,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chat_template import join_segments, message_segments, render_prompt  # noqa: E402
 from data.prepare_sft import fit_segments, to_rows, vocabulary  # noqa: E402
 from data_utils import UserError, atomic_write, parse_json, read_jsonl, run_cli, write_json  # noqa: E402
+from miniglm.chat_template import join_segments, message_segments, render_prompt  # noqa: E402
 
 
 def read_preferences(path, strict):
@@ -84,8 +87,10 @@ def tokenize_pair(tok, prompt, chosen, rejected, block_size, template, stats):
     assistant turns are prompt); a prompt too long is cut once, for the longer answer, so both
     rows start with the same prompt tokens."""
     history = [dict(m, loss=False) for m in prompt]
-    sides = [message_segments(tok, history + [{"role": "assistant", "content": a}], template=template)
-             for a in (chosen, rejected)]
+    sides = [
+        message_segments(tok, history + [{"role": "assistant", "content": a}], template=template)
+        for a in (chosen, rejected)
+    ]
     longer = max(sides, key=lambda segs: len(join_segments(segs)[0]))
     cuts = fit_segments(tok, longer, block_size)
     rows = []
@@ -104,24 +109,35 @@ def tokenize_pair(tok, prompt, chosen, rejected, block_size, template, stats):
 
 def on_policy_records(args, tok):
     """Pairs from the model's own answers to the SFT train split's single-turn questions."""
-    from checkpoint import load_model
-    from evaluations import char_f1
-    from generation import answer_batch, model_constraint, model_template
-    from align import train_questions
+    from miniglm.align.reference import train_questions
+    from miniglm.checkpoint import load_model
+    from miniglm.generation import answer_batch, model_constraint, model_template
+    from miniglm.metrics import char_f1
+
     qa = [(rec["source"], q, ref) for q, ref, rec in train_questions(args.sft_data)]
     model, tok, ckpt = load_model(args.vocab)
     constraint, template = model_constraint(tok, ckpt), model_template(ckpt)
     fits = [x for x in qa if len(render_prompt(tok, [], x[1], template)) + args.max_new_tokens <= model.context_size]
     if len(fits) < len(qa):
-        print(f"on-policy: {len(qa) - len(fits):,} questions leave no room for {args.max_new_tokens} new tokens: skipped")
+        print(
+            f"on-policy: {len(qa) - len(fits):,} questions leave no room for {args.max_new_tokens} new tokens: skipped"
+        )
     random.Random(args.seed).shuffle(fits)
-    qa = fits[:args.max_questions]
+    qa = fits[: args.max_questions]
     out, rejected = [], {}
     for k in range(args.samples):  # sample round k for the questions that have no rejected answer yet
         todo = [x for x in qa if x[0] not in rejected]
-        answers = answer_batch(model, tok, [q for _, q, _ in todo], constraint=constraint, template=template,
-                               max_new_tokens=args.max_new_tokens, seed=args.seed + k, temperature=args.temperature,
-                               batch_size=32)
+        answers = answer_batch(
+            model,
+            tok,
+            [q for _, q, _ in todo],
+            constraint=constraint,
+            template=template,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed + k,
+            temperature=args.temperature,
+            batch_size=32,
+        )
         for (n, q, ref), a in zip(todo, answers):
             if a.strip() and char_f1(a, ref) < args.max_f1:
                 rejected[n] = a
@@ -134,7 +150,9 @@ def on_policy_records(args, tok):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--vocab", required=True, help="the checkpoint (out_dir or .pt) to align: its vocabulary and template")
+    p.add_argument(
+        "--vocab", required=True, help="the checkpoint (out_dir or .pt) to align: its vocabulary and template"
+    )
     p.add_argument("--input", nargs="+", help="preference files (.jsonl, .json)")
     p.add_argument("--on_policy", action="store_true", help="build pairs from the model's own sampled answers")
     p.add_argument("--sft_data", default="data/sft", help="--on_policy: the SFT folder (its train split only)")
@@ -151,8 +169,9 @@ def main():
     args = p.parse_args()
     if bool(args.input) == args.on_policy:
         raise UserError("give --input FILES or --on_policy (one of the two)")
-    from checkpoint import find_checkpoint, load_checkpoint
-    from generation import model_template
+    from miniglm.checkpoint import find_checkpoint, load_checkpoint
+    from miniglm.generation import model_template
+
     ckpt = load_checkpoint(find_checkpoint(args.vocab))
     tok, template = vocabulary(args.vocab), model_template(ckpt)
     records, bad = (on_policy_records(args, tok), []) if args.on_policy else ([], [])
@@ -183,16 +202,27 @@ def main():
     random.Random(args.seed).shuffle(pairs)
     n_val = min(max(1, round(len(pairs) * args.val_fraction)), len(pairs) - 1)
     out = Path(args.out_dir)
-    meta = {"pairs": True, "block_size": args.block_size, "template": template, "vocab": tok.name,
-            "tokenizer": tok.kind, "tokenizer_sha256": tok.sha256, "bad_records": len(bad), **stats,
-            "source": "on-policy: " + str(find_checkpoint(args.vocab)) if args.on_policy else args.input,
-            "chars": "".join(sorted(text))}
+    meta = {
+        "pairs": True,
+        "block_size": args.block_size,
+        "template": template,
+        "vocab": tok.name,
+        "tokenizer": tok.kind,
+        "tokenizer_sha256": tok.sha256,
+        "bad_records": len(bad),
+        **stats,
+        "source": "on-policy: " + str(find_checkpoint(args.vocab)) if args.on_policy else args.input,
+        "chars": "".join(sorted(text)),
+    }
     for split, chunk in (("val", pairs[:n_val]), ("train", pairs[n_val:])):
         ids, mask, _ = to_rows([row for rows, _ in chunk for row in rows], args.block_size, False, tok.eot)
         atomic_write(out / f"pairs_{split}.bin", lambda f: f.write(ids.astype(np.uint16).tobytes()))
         atomic_write(out / f"pairs_{split}_mask.bin", lambda f: f.write(mask.astype(np.uint8).tobytes()))
-        atomic_write(out / f"pairs_{split}.jsonl", lambda f: f.writelines(
-            json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk), mode="w")
+        atomic_write(
+            out / f"pairs_{split}.jsonl",
+            lambda f: f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for _, r in chunk),
+            mode="w",
+        )
         meta[f"{split}_pairs"] = len(chunk)
         print(f"{split}: {len(chunk):,} pairs")
     write_json(out / "meta.json", meta)

@@ -1,7 +1,7 @@
 """
 SFT data: conversations → rows of block_size token ids (sft_{train,val}.bin, uint16) with a
 0/1 loss mask per token (sft_{train,val}_mask.bin, uint8; 1 = answer token or end token)
-and meta.json. The chat templates live in chat_template.py: 问:{q}\\n答:{a}<|endoftext|> (default)
+and meta.json. The chat templates live in miniglm/chat_template.py: 问:{q}\\n答:{a}<|endoftext|> (default)
 or ChatML (--template chatml); the one used is recorded in meta.json. A sample longer than
 block_size keeps its answer: the oldest turns go first, then the question from the left,
 then the answer from the right (each kind of cut counted).
@@ -31,10 +31,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from chat_template import TEMPLATES, join_segments, message_segments  # noqa: E402
 from data.sft_formats import FORMATS, read_records  # noqa: E402
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
-from tokenizer import GPT2, load_vocab_file, tokenizer_from_state  # noqa: E402
+from miniglm.chat_template import TEMPLATES, join_segments, message_segments  # noqa: E402
+from miniglm.tokenizer import GPT2, load_vocab_file, tokenizer_from_state  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
 
@@ -83,7 +83,9 @@ def chatterbot_conversations():
             turns = [str(t).strip() for t in turns if str(t).strip()]
             if len(turns) >= 2:
                 roles = ["user", "assistant"] * len(turns)
-                convs.append({"messages": [{"role": r, "content": t} for r, t in zip(roles, turns[:len(turns) // 2 * 2])]})
+                convs.append(
+                    {"messages": [{"role": r, "content": t} for r, t in zip(roles, turns[: len(turns) // 2 * 2])]}
+                )
     return convs
 
 
@@ -109,14 +111,23 @@ def default_groups(poems_paths, seed, max_poems=None, all_next_lines=True):
                 poems.append(p)
     groups = [poem_conversations(p, rng, all_next_lines) for p in poems]
     dialogues = chatterbot_conversations()
-    print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths))}, "
+    sources = [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths
+    print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, sources))}, "
           f"{len(dialogues):,} chatterbot-corpus dialogues")
     return groups + [[d] for d in dialogues]
 
 
 # ------------------------------------------------------------------ tokens, rows, files
-CUTS = ("truncated", "cut_oldest_turns", "dropped_turns", "cut_question_left", "cut_answer_right",
-        "cut_answer_max_tokens", "cut_right", "skipped_no_trained_token")
+CUTS = (
+    "truncated",
+    "cut_oldest_turns",
+    "dropped_turns",
+    "cut_question_left",
+    "cut_answer_right",
+    "cut_answer_max_tokens",
+    "cut_right",
+    "skipped_no_trained_token",
+)
 
 
 def tokenize(tok, conv, block_size, stats, template="qa", max_answer_tokens=None):
@@ -155,7 +166,7 @@ def fit_segments(tok, segs, block_size, max_answer_tokens=None):
         starts = [i for i, s in enumerate(segs) if s["role"] == "user"]
         if len(starts) < 2:
             break
-        del segs[starts[0]:starts[1]]
+        del segs[starts[0] : starts[1]]
         cuts["cut_oldest_turns"] = 1
         cuts["dropped_turns"] += 1
     last_q = max((i for i, s in enumerate(segs) if s["role"] == "user"), default=None)
@@ -226,7 +237,7 @@ def to_rows(samples, block_size, pack, pad_id):
     mask_arr = np.zeros((n, block_size), dtype=np.uint8)
     seg_arr = np.zeros((n, block_size), dtype=np.uint16)
     for i, (ids, mask, seg) in enumerate(rows):
-        ids_arr[i, :len(ids)], mask_arr[i, :len(mask)], seg_arr[i, :len(seg)] = ids, mask, seg
+        ids_arr[i, : len(ids)], mask_arr[i, : len(mask)], seg_arr[i, : len(seg)] = ids, mask, seg
     return ids_arr, mask_arr, (seg_arr if pack else None)
 
 
@@ -270,7 +281,8 @@ def vocabulary(source):
             return tokenizer_from_state(json.loads(path.read_text(encoding="utf-8")))
         except (ValueError, KeyError, TypeError) as e:
             raise UserError(f"{path}: not a vocabulary written by data/prepare.py ({e})") from None
-    from checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
+    from miniglm.checkpoint import checkpoint_tokenizer, find_checkpoint, load_checkpoint
+
     return checkpoint_tokenizer(load_checkpoint(find_checkpoint(path)))
 
 
@@ -278,26 +290,45 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="SFT files (.jsonl, .json, .txt); default: the built-in set")
     parser.add_argument("--format", default="auto", choices=FORMATS)
-    parser.add_argument("--poems", nargs="+", help="documents with poems for the default set (one or more docs.jsonl; "
-                                                   "default: data/fortunes-zh's, else data/embedded's)")
-    parser.add_argument("--all_next_lines", action=argparse.BooleanOptionalAction, default=True,
-                        help="default set: a 下一句 question for every pair of half-lines of a training poem, not "
-                             "only 3 (it drills copying the question's line: dev char F1 +0.03 at 200 iterations)")
+    parser.add_argument(
+        "--poems",
+        nargs="+",
+        help="documents with poems for the default set (one or more docs.jsonl; "
+        "default: data/fortunes-zh's, else data/embedded's)",
+    )
+    parser.add_argument(
+        "--all_next_lines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="default set: a 下一句 question for every pair of half-lines of a training poem, not "
+        "only 3 (it drills copying the question's line: dev char F1 +0.03 at 200 iterations)",
+    )
     parser.add_argument("--max_poems", type=int, help="use a seeded random subset of this many poems of each file")
     parser.add_argument("--out_dir", default=str(DATA_DIR / "sft"))
     parser.add_argument("--block_size", type=int, default=256, help="tokens per row (the model sees block_size-1)")
     parser.add_argument("--pack", action="store_true", help="several samples per row instead of padding")
-    parser.add_argument("--template", default="qa", choices=TEMPLATES,
-                        help="chat template: qa = 问:…\\n答:…<|endoftext|> (default), chatml = <|im_start|>role\\n…<|im_end|>")
-    parser.add_argument("--max_answer_tokens", type=int, help="cut every answer to at most this many tokens "
-                                                               "(default: whole answers, cut only to fit the row)")
+    parser.add_argument(
+        "--template",
+        default="qa",
+        choices=TEMPLATES,
+        help="chat template: qa = 问:…\\n答:…<|endoftext|> (default), chatml = <|im_start|>role\\n…<|im_end|>",
+    )
+    parser.add_argument(
+        "--max_answer_tokens",
+        type=int,
+        help="cut every answer to at most this many tokens (default: whole answers, cut only to fit the row)",
+    )
     parser.add_argument("--val_fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--strict", action="store_true", help="fail on the first malformed record")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="print the tokens and targets of N samples")
-    parser.add_argument("--vocab", default="gpt2", help="the model's vocabulary: 'gpt2', a checkpoint or out_dir "
-                                                        "(the usual choice), a data folder with vocab.json (trimmed) "
-                                                        "or a bpe-N.json")
+    parser.add_argument(
+        "--vocab",
+        default="gpt2",
+        help="the model's vocabulary: 'gpt2', a checkpoint or out_dir "
+        "(the usual choice), a data folder with vocab.json (trimmed) "
+        "or a bpe-N.json",
+    )
     args = parser.parse_args()
     if not 2 <= args.block_size <= 65536:
         raise UserError(f"--block_size must be between 2 and 65536, got {args.block_size}")
@@ -315,30 +346,58 @@ def main():
             print(f"ignored message key {key!r} in {n:,} message(s), first at {first}")
     else:
         fortunes = DATA_DIR / "fortunes-zh" / "docs.jsonl"
-        args.poems = args.poems or [str(fortunes if fortunes.exists() or not (DATA_DIR / "embedded").exists()
-                                        else DATA_DIR / "embedded" / "docs.jsonl")]
+        args.poems = args.poems or [
+            str(
+                fortunes
+                if fortunes.exists() or not (DATA_DIR / "embedded").exists()
+                else DATA_DIR / "embedded" / "docs.jsonl"
+            )
+        ]
         groups = default_groups(args.poems, args.seed, args.max_poems, args.all_next_lines)
 
     # tokenize first, so that records with nothing left to train on never reach either split
     tok = vocabulary(args.vocab)
     stats = dict.fromkeys(CUTS, 0)
-    groups = [g for g in ([s for s in (tokenize(tok, c, args.block_size, stats, args.template, args.max_answer_tokens)
-                                       for c in convs) if s] for convs in groups) if g]
+    groups = [
+        g
+        for g in (
+            [
+                s
+                for s in (
+                    tokenize(tok, c, args.block_size, stats, args.template, args.max_answer_tokens) for c in convs
+                )
+                if s
+            ]
+            for convs in groups
+        )
+        if g
+    ]
     if len(groups) < 2:
         raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
     order = list(range(len(groups)))
     random.Random(args.seed).shuffle(order)
     n_val = min(max(1, round(len(groups) * args.val_fraction)), len(groups) - 1)
-    splits = {"val": [s for g in order[:n_val] for s in groups[g] if not s[2].get("train_only")],
-              "train": [s for g in order[n_val:] for s in groups[g]]}
+    splits = {
+        "val": [s for g in order[:n_val] for s in groups[g] if not s[2].get("train_only")],
+        "train": [s for g in order[n_val:] for s in groups[g]],
+    }
 
     out_dir = Path(args.out_dir)
     text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])
-    meta = {"block_size": args.block_size, "packed": args.pack, "template": args.template,
-            "tokenizer": tok.kind, "tokenizer_sha256": tok.sha256, "max_answer_tokens": args.max_answer_tokens,
-            "vocab": tok.name, "malformed_records": len(bad),
-            "ignored_message_keys": {k: n for k, (n, _) in sorted(ignored.items())}, "seed": args.seed, "source": args.input or args.poems,
-            "chars": "".join(sorted(set(text)))}
+    meta = {
+        "block_size": args.block_size,
+        "packed": args.pack,
+        "template": args.template,
+        "tokenizer": tok.kind,
+        "tokenizer_sha256": tok.sha256,
+        "max_answer_tokens": args.max_answer_tokens,
+        "vocab": tok.name,
+        "malformed_records": len(bad),
+        "ignored_message_keys": {k: n for k, (n, _) in sorted(ignored.items())},
+        "seed": args.seed,
+        "source": args.input or args.poems,
+        "chars": "".join(sorted(set(text))),
+    }
     for split, samples in splits.items():
         ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack, tok.eot)
         atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
@@ -347,21 +406,28 @@ def main():
             atomic_write(out_dir / f"sft_{split}_seg.bin", lambda f: f.write(seg.tobytes()))
         else:
             (out_dir / f"sft_{split}_seg.bin").unlink(missing_ok=True)
-        atomic_write(out_dir / f"sft_{split}.jsonl",
-                     lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for _, _, c in samples), mode="w")
+        atomic_write(
+            out_dir / f"sft_{split}.jsonl",
+            lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for _, _, c in samples),
+            mode="w",
+        )
         meta[f"{split}_samples"], meta[f"{split}_rows"] = len(samples), len(ids)
         meta[f"{split}_mask_share"] = float(mask.mean())
         meta[f"{split}_trained_tokens"] = int(mask.sum())
-        print(f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
-              f"{mask.mean() * 100:.1f}% of tokens trained")
+        print(
+            f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
+            f"{mask.mean() * 100:.1f}% of tokens trained"
+        )
         if split == "train" and args.show:
             show_samples(tok, ids, mask, args.show)
     meta.update(stats)
     write_json(out_dir / "meta.json", meta)
-    print(f"truncated {stats['truncated']} (oldest turns {stats['cut_oldest_turns']}: {stats['dropped_turns']} turns; "
-          f"question from the left {stats['cut_question_left']}; answer from the right {stats['cut_answer_right']}; "
-          f"answer over --max_answer_tokens {stats['cut_answer_max_tokens']}; other {stats['cut_right']}), "
-          f"skipped (no trained token) {stats['skipped_no_trained_token']}; wrote {out_dir}")
+    print(
+        f"truncated {stats['truncated']} (oldest turns {stats['cut_oldest_turns']}: {stats['dropped_turns']} turns; "
+        f"question from the left {stats['cut_question_left']}; answer from the right {stats['cut_answer_right']}; "
+        f"answer over --max_answer_tokens {stats['cut_answer_max_tokens']}; other {stats['cut_right']}), "
+        f"skipped (no trained token) {stats['skipped_no_trained_token']}; wrote {out_dir}"
+    )
 
 
 if __name__ == "__main__":

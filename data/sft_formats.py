@@ -1,7 +1,7 @@
 """
 SFT input formats → conversations, the readers behind data/prepare_sft.py --input. A
 conversation is {"messages": [{"role", "content", "loss"?, "tool"?}], "tools": ...} with
-the roles of chat_template.py. Formats, detected per record (or forced with --format):
+the roles of miniglm/chat_template.py. Formats, detected per record (or forced with --format):
 
   text      问:...\n答:... blocks separated by blank lines (.txt; several 问/答 = multi-turn)
   qa        {"question": ..., "answer": ...}
@@ -83,7 +83,11 @@ def _turns(items, role_key, content_key, ignored=None):
                 raise BadRecord("a system message's 'tools' must be a list")
             tools += t["tools"]
         if ignored is not None:
-            used = {role_key, content_key, "loss"} | EXTRA_KEYS.get(role, set()) | EXTRA_KEYS.get(ROLE_ALIASES[role], set())
+            used = (
+                {role_key, content_key, "loss"}
+                | EXTRA_KEYS.get(role, set())
+                | EXTRA_KEYS.get(ROLE_ALIASES[role], set())
+            )
             ignored.update(k for k in t if k not in used)
     return messages, tools
 
@@ -96,8 +100,10 @@ def _chatglm3_tool_turn(t):
     if not isinstance(name, str) or not name:
         raise BadRecord("a tool turn needs the tool's 'name'")
     as_text = lambda v: v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)  # noqa: E731
-    return [_message("assistant", as_text(t.get("parameters", {})), t.get("loss"), name),
-            _message("observation", as_text(t.get("observation", "")), t.get("loss"))]
+    return [
+        _message("assistant", as_text(t.get("parameters", {})), t.get("loss"), name),
+        _message("observation", as_text(t.get("observation", "")), t.get("loss")),
+    ]
 
 
 def _json_or(text):
@@ -136,9 +142,13 @@ def to_conversation(r, fmt="auto", ignored=None):
             raise BadRecord("alpaca record needs string fields 'instruction' and 'output'")
         prompt = r["instruction"] + (f"\n{r['input']}" if r.get("input") else "")
         messages = ([_message("system", r["system"])] if r.get("system") else []) + [
-            _message("user", prompt), _message("assistant", r["output"])]
+            _message("user", prompt),
+            _message("assistant", r["output"]),
+        ]
     elif fmt in ("chatglm3", "glm4"):
-        messages, system_tools = _turns(r.get("conversations" if fmt == "chatglm3" else "messages"), "role", "content", ignored)
+        messages, system_tools = _turns(
+            r.get("conversations" if fmt == "chatglm3" else "messages"), "role", "content", ignored
+        )
         tools = (tools or []) + system_tools or None
     elif fmt == "sharegpt":
         messages, _ = _turns(r.get("conversations"), "from", "value", ignored)
@@ -157,7 +167,7 @@ def to_conversation(r, fmt="auto", ignored=None):
     systems = [i for i, m in enumerate(messages) if m["role"] == "system"]
     if len(systems) > 1:
         raise BadRecord(f"{len(systems)} system messages (at most one, before the first user turn)")
-    if systems and any(m["role"] == "user" for m in messages[:systems[0]]):
+    if systems and any(m["role"] == "user" for m in messages[: systems[0]]):
         raise BadRecord("the system message comes after a user turn (it must come before the first one)")
     return {"messages": messages, "tools": tools}
 
@@ -176,7 +186,9 @@ def parse_text_blocks(text):
             for ln in block:
                 m = re.match(r"^\s*(问|答)\s*[:：](.*)$", ln)
                 if m:
-                    messages.append({"role": "user" if m.group(1) == "问" else "assistant", "content": m.group(2).strip()})
+                    messages.append(
+                        {"role": "user" if m.group(1) == "问" else "assistant", "content": m.group(2).strip()}
+                    )
                 elif messages:
                     messages[-1]["content"] += "\n" + ln.strip()
                 else:
@@ -211,7 +223,7 @@ def read_records(path, fmt, strict, ignored=None):
         problems = list(zip([n for n, t in enumerate(lines, 1) if t is None], bad_bytes))
 
         def has_bad_line(start):  # the block from line start to the next blank line
-            for t in lines[start - 1:]:
+            for t in lines[start - 1 :]:
                 if t is None:
                     return True
                 if not t.strip():

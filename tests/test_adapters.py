@@ -1,20 +1,24 @@
-"""LoRA and P-Tuning v2 (adapters.py) in the model and in generation: step 0 is the base model
+"""LoRA and P-Tuning v2 (miniglm/adapters.py) in the model and in generation: step 0 is the base model
 (LoRA), the prefix reaches every position and every decode path, merging changes nothing."""
 import pytest
 import torch
 
-from adapters import LoRALinear, add_adapter, merge_lora, trained_fraction
 from data_utils import UserError
-from generation import generate
+from miniglm.adapters import LoRALinear, add_adapter, merge_lora, trained_fraction
+from miniglm.generation import generate
 from model import GPT, GPTConfig
 
-LORA = dict(method="lora", r=4, alpha=8.0, dropout=0.0, targets=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"])
+LORA = dict(
+    method="lora", r=4, alpha=8.0, dropout=0.0, targets=["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"]
+)
 PTUNING = dict(method="ptuning", num_virtual_tokens=5, prefix_projection=False, encoder_hidden_size=16)
 
 
 def tiny(rope=False, **kw):
     torch.manual_seed(0)
-    return GPT(GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64, rope=rope), **kw})).eval()
+    return GPT(
+        GPTConfig(**{**dict(n_layer=2, n_head=2, n_embd=32, block_size=24, vocab_size=64, rope=rope), **kw})
+    ).eval()
 
 
 def trained(model, scale=0.5):
@@ -63,8 +67,11 @@ def test_lora_trains_only_the_adapter_and_merges_to_the_same_function():
 
 
 def test_bad_targets_name_the_valid_ones():
-    with pytest.raises(UserError, match=r"lora_targets: 'attn.q_proj' matches no layer; valid: attn.c_attn, "
-                                        r"attn.c_proj, mlp.c_fc, mlp.c_proj"):
+    with pytest.raises(
+        UserError,
+        match=r"lora_targets: 'attn.q_proj' matches no layer; valid: attn.c_attn, "
+        r"attn.c_proj, mlp.c_fc, mlp.c_proj",
+    ):
         add_adapter(tiny(), dict(LORA, targets=["attn.q_proj"]))
 
 
@@ -77,7 +84,7 @@ def test_prefix_reaches_every_segment_of_a_packed_row(rope):
     logits, _ = model(packed, segment_ids=seg)
     for sample, start in ((a, 0), (b, 7)):
         alone, _ = model(sample)
-        torch.testing.assert_close(logits[:, start:start + sample.size(1)], alone, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logits[:, start : start + sample.size(1)], alone, rtol=1e-5, atol=1e-5)
     model.prefix = None
     assert (model(b)[0] - alone).abs().max() > 1e-2  # the prefix does change what the model computes
 
@@ -90,7 +97,9 @@ def test_generation_under_a_prefix_cached_static_and_batched(rope):
     model = trained(add_adapter(tiny(rope), PTUNING), scale=1.0)
     assert model.context_size == 19
     prompts, pad = torch.randint(0, 64, (3, 9)), torch.tensor([0, 4, 7])
-    one_by_one = [generate(model, prompts[i:i + 1, p:], 8, temperature=0)[0, 9 - p:] for i, p in enumerate(pad.tolist())]
+    one_by_one = [
+        generate(model, prompts[i : i + 1, p:], 8, temperature=0)[0, 9 - p :] for i, p in enumerate(pad.tolist())
+    ]
     batched = generate(model, prompts, 8, temperature=0, pad=pad)[:, 9:]
     assert all(torch.equal(batched[i], one_by_one[i]) for i in range(3))
     model.decode_mode = "static"
@@ -102,6 +111,7 @@ def test_generation_under_a_prefix_cached_static_and_batched(rope):
         model(torch.zeros(1, 20, dtype=torch.long))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("settings", [LORA, PTUNING], ids=["lora", "ptuning"])
 def test_adapters_compile_to_the_eager_loss_and_gradients(settings):
     """torch.compile (the CUDA default; inductor here) traces both adapters: the same loss and

@@ -1,4 +1,4 @@
-"""DPO (align.py, data/prepare_pairs.py): the loss by hand, a policy equal to its reference at
+"""DPO (miniglm/align/dpo.py, data/prepare_pairs.py): the loss by hand, a policy equal to its reference at
 ln 2, the LoRA reference equal to a frozen copy, on-policy pairs from the train split only,
 trl's formats, resume, DDP, and one-line errors for bad input."""
 import copy
@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import train
-from adapters import add_adapter
-from align import adapter_off, dpo_loss, sequence_logps
-from checkpoint import load_checkpoint, load_model
 from conftest import TINY, assert_same_training, read_log, run_script, train_single_and_ddp
 from data_utils import UserError
+from miniglm.adapters import add_adapter
+from miniglm.align.dpo import dpo_loss
+from miniglm.align.reference import adapter_off, sequence_logps
+from miniglm.checkpoint import load_checkpoint, load_model
 from model import GPT, GPTConfig
 
 
@@ -73,6 +74,7 @@ def dpo_args(tiny_runs, pairs, out, *extra):
             "--stage=dpo", "--beta=0.5", "--learning_rate=1e-3", "--eval_interval=5", "--eval_iters=2", *extra]
 
 
+@pytest.mark.slow
 def test_on_policy_pairs_come_from_the_train_split_only(pairs, tiny_sft_data):
     held_out = {json.loads(ln)["messages"][0]["content"] for ln in (tiny_sft_data / "sft_val.jsonl").open()}
     train_qs = {json.loads(ln)["messages"][0]["content"] for ln in (tiny_sft_data / "sft_train.jsonl").open()}
@@ -93,7 +95,10 @@ def test_dpo_starts_at_ln2_trains_and_logs_trls_metrics(tiny_runs, pairs, tmp_pa
     for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
                 "logps/rejected"):
         assert all(math.isfinite(s[key]) for s in steps)
-    assert steps[-1]["loss"] < math.log(2) - 0.05 and steps[-1]["rewards/margins"] > 0
+    # on the held-out pairs, not one training batch (whose loss ended at 0.76, above ln 2, for one of 6 seeds
+    # measured on a Zen 4): the val DPO loss ended at 0.08-0.26 and the val margin at 1.4-5.5 for all 6
+    last = read_log(tmp_path, "eval")[-1]
+    assert last["val_loss"] < math.log(2) - 0.2 and last["val_rewards/margins"] > 0.5
     ckpt = load_checkpoint(tmp_path / "ckpt.pt")
     assert ckpt["kind"] == "dpo" and ckpt["reference"]["path"].endswith("best.pt")
     model, _, meta = load_model(tmp_path)  # sample.py and evaluations read a DPO checkpoint as any other
@@ -107,6 +112,7 @@ def test_dpo_starts_at_ln2_trains_and_logs_trls_metrics(tiny_runs, pairs, tmp_pa
     assert f"best.pt: iteration {chosen['iter']} of 10, val_loss" in meta["weights"]
 
 
+@pytest.mark.slow
 def test_dpo_resumes_exactly_full_and_lora(tiny_runs, pairs, tmp_path):
     for extra in ([], ["--finetune=lora", "--learning_rate=1e-2"]):
         full, split = tmp_path / f"full{len(extra)}", tmp_path / f"split{len(extra)}"  # (0: full, 2: LoRA)
@@ -117,49 +123,78 @@ def test_dpo_resumes_exactly_full_and_lora(tiny_runs, pairs, tmp_path):
         assert [s["loss"] for s in read_log(split, "train")] == [s["loss"] for s in read_log(full, "train")]
 
 
+@pytest.mark.slow
 def test_dpo_ddp_two_processes_match_one(tiny_runs, pairs, tmp_path):
-    args = [a for a in dpo_args(tiny_runs, pairs, "", "--max_iters=4", "--eval_interval=4") if not a.startswith("--out_dir")]
+    args = [
+        a for a in dpo_args(tiny_runs, pairs, "", "--max_iters=4", "--eval_interval=4") if not a.startswith("--out_dir")
+    ]
     train_single_and_ddp(args, tmp_path)
     assert_same_training(tmp_path / "single", tmp_path / "ddp", 4)
 
 
+@pytest.mark.slow
 def test_bad_dpo_input_is_one_line(tiny_runs, pairs, tiny_sft_data, tmp_path):
     args = dpo_args(tiny_runs, pairs, tmp_path / "run", "--max_iters=2")
-    cases = [(["--init_from=scratch"], "stage='dpo' aligns a trained model"),
-             (["--beta=0"], "beta must be a positive number, got 0"),
-             (["--dpo_loss=kto"], "dpo_loss must be one of sigmoid, ipo, hinge, got 'kto'"),
-             ([f"--data_dir={tiny_sft_data}"], "no preference pairs (pairs_train.bin)"),
-             (["--stage=auto"], "holds preference pairs: train on them with --stage=dpo")]
+    cases = [
+        (["--init_from=scratch"], "stage='dpo' aligns a trained model"),
+        (["--beta=0"], "beta must be a positive number, got 0"),
+        (["--dpo_loss=kto"], "dpo_loss must be one of sigmoid, ipo, hinge, got 'kto'"),
+        ([f"--data_dir={tiny_sft_data}"], "no preference pairs (pairs_train.bin)"),
+        (["--stage=auto"], "'beta' is a key of stage='dpo', which this run does not use"),
+    ]
     for extra, message in cases:
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             train.main(args + extra)
+    # a pairs folder without stage='dpo' (and so without DPO's keys)
+    plain = [a for a in args if not a.startswith(("--stage", "--beta"))]
+    with pytest.raises(UserError, match="holds preference pairs: train on them with --stage=dpo"):
+        train.main(plain)
     gpt2_pairs = tmp_path / "gpt2-pairs"  # pairs in another vocabulary than the model's
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"问{i}", "chosen": "好", "rejected": "坏"},
-                                                         ensure_ascii=False) + "\n" for i in range(4)))
-    run_script("data/prepare_pairs.py", f"--vocab={tiny_runs[1]}", f"--input={tmp_path / 'p.jsonl'}",
-               f"--out_dir={gpt2_pairs}")
+    (tmp_path / "p.jsonl").write_text(
+        "".join(
+            json.dumps({"prompt": f"问{i}", "chosen": "好", "rejected": "坏"}, ensure_ascii=False) + "\n"
+            for i in range(4)
+        )
+    )
+    run_script(
+        "data/prepare_pairs.py", f"--vocab={tiny_runs[1]}", f"--input={tmp_path / 'p.jsonl'}", f"--out_dir={gpt2_pairs}"
+    )
     meta = json.loads((gpt2_pairs / "meta.json").read_text())
     (gpt2_pairs / "meta.json").write_text(json.dumps(dict(meta, vocab="gpt2")))
     with pytest.raises(UserError, match="pairs tokenized for the vocabulary gpt2 but the model uses"):
         train.main(args + [f"--data_dir={gpt2_pairs}"])
     train.main(args)  # a DPO run, then resumed as another stage
     with pytest.raises(UserError, match=r"a dpo run; resume it with stage='dpo', not stage='auto'"):
-        train.main([a for a in args if a != "--stage=dpo"] + ["--init_from=resume", f"--data_dir={tiny_sft_data}"])
+        sft_args = [a for a in args if not a.startswith(("--stage", "--beta"))]  # (beta: a key of DPO's alone)
+        train.main(sft_args + ["--init_from=resume", f"--data_dir={tiny_sft_data}"])
 
 
+@pytest.mark.slow
 def test_trl_formats_and_bad_records(tiny_runs, tmp_path):
-    lines = [{"prompt": "问一", "chosen": "好的", "rejected": "不好"},                                   # standard
-             {"prompt": [{"role": "user", "content": "问二"}], "chosen": [{"role": "assistant", "content": "甲"}],
-              "rejected": [{"role": "assistant", "content": "乙"}]},                                    # explicit
-             {"chosen": [{"role": "user", "content": "问三"}, {"role": "assistant", "content": "丙"}],   # implicit
-              "rejected": [{"role": "user", "content": "问三"}, {"role": "assistant", "content": "丁"}]},
-             {"prompt": "问四", "chosen": "同"},                      # line 4: no rejected
-             {"prompt": "问五", "chosen": "", "rejected": "空"},       # line 5: empty answer
-             {"prompt": "问六", "chosen": "同", "rejected": "同"}]     # line 6: identical
+    lines = [
+        {"prompt": "问一", "chosen": "好的", "rejected": "不好"},  # standard
+        {
+            "prompt": [{"role": "user", "content": "问二"}],
+            "chosen": [{"role": "assistant", "content": "甲"}],
+            "rejected": [{"role": "assistant", "content": "乙"}],
+        },  # explicit
+        {
+            "chosen": [{"role": "user", "content": "问三"}, {"role": "assistant", "content": "丙"}],  # implicit
+            "rejected": [{"role": "user", "content": "问三"}, {"role": "assistant", "content": "丁"}],
+        },
+        {"prompt": "问四", "chosen": "同"},  # line 4: no rejected
+        {"prompt": "问五", "chosen": "", "rejected": "空"},  # line 5: empty answer
+        {"prompt": "问六", "chosen": "同", "rejected": "同"},
+    ]  # line 6: identical
     src = tmp_path / "prefs.jsonl"
     src.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-    proc = run_script("data/prepare_pairs.py", f"--vocab={tiny_runs[1]}", f"--input={src}", f"--out_dir={tmp_path / 'p'}",
-                      "--val_fraction=0.3")
+    proc = run_script(
+        "data/prepare_pairs.py",
+        f"--vocab={tiny_runs[1]}",
+        f"--input={src}",
+        f"--out_dir={tmp_path / 'p'}",
+        "--val_fraction=0.3",
+    )
     assert f"dropped 3 bad record(s); first: {src}:4: missing 'rejected'" in proc.stdout
     records = [json.loads(ln) for s in ("train", "val") for ln in (tmp_path / "p" / f"pairs_{s}.jsonl").open()]
     assert sorted(r["chosen"] for r in records) == sorted(["好的", "甲", "丙"])
@@ -167,9 +202,20 @@ def test_trl_formats_and_bad_records(tiny_runs, tmp_path):
     for strict_line, message in ((5, "an empty answer"), (6, "chosen is identical to rejected")):
         one = tmp_path / f"bad{strict_line}.jsonl"
         one.write_text(json.dumps(lines[strict_line - 1], ensure_ascii=False) + "\n")
-        proc = run_script("data/prepare_pairs.py", f"--vocab={tiny_runs[1]}", f"--input={one}", "--strict",
-                          f"--out_dir={tmp_path / 'q'}", check=False)
+        proc = run_script(
+            "data/prepare_pairs.py",
+            f"--vocab={tiny_runs[1]}",
+            f"--input={one}",
+            "--strict",
+            f"--out_dir={tmp_path / 'q'}",
+            check=False,
+        )
         assert proc.returncode == 1 and f"{one}:1: {message}" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_script("data/prepare_pairs.py", f"--vocab={tiny_runs[1]}", f"--input={tmp_path / 'bad5.jsonl'}",
-                      f"--out_dir={tmp_path / 'q'}", check=False)
+    proc = run_script(
+        "data/prepare_pairs.py",
+        f"--vocab={tiny_runs[1]}",
+        f"--input={tmp_path / 'bad5.jsonl'}",
+        f"--out_dir={tmp_path / 'q'}",
+        check=False,
+    )
     assert proc.returncode == 1 and "no usable preference pairs (0 of 1 records)" in proc.stderr

@@ -56,6 +56,7 @@ def one_line_error(proc, where):
     assert proc.stderr.startswith(f"error: {where}") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
 
 
+@pytest.mark.slow
 def test_fetch_local_and_prepare(tmp_path):
     src = write_lines(tmp_path / "docs.jsonl", {"text": "床前明月光，疑是地上霜。"})
     out = run_script("data/fetch_data.py", "local", "--input", src, "--out_dir", tmp_path / "a")
@@ -70,13 +71,16 @@ def test_fetch_local_and_prepare(tmp_path):
                    f"{docs}:1: text is not valid Unicode")
 
 
+@pytest.mark.slow
 def test_prepare_sft_jsonl_and_json_list(tmp_path):
     good = {"question": "你好", "answer": "你好!"}
     src = write_lines(tmp_path / "qa.jsonl", good)
     out = run_script("data/prepare_sft.py", "--input", src, "--out_dir", tmp_path / "o", "--block_size", "32")
     assert f"skipped 3 malformed record(s); first: {src}:1: text is not valid Unicode" in out.stdout
-    one_line_error(run_script("data/prepare_sft.py", "--input", src, "--strict", "--out_dir", tmp_path / "s", check=False),
-                   f"{src}:1: text is not valid Unicode")
+    one_line_error(
+        run_script("data/prepare_sft.py", "--input", src, "--strict", "--out_dir", tmp_path / "s", check=False),
+        f"{src}:1: text is not valid Unicode",
+    )
     as_list = tmp_path / "qa.json"
     as_list.write_text(f'[{json.dumps(good)}, {{"question": "\\ud800", "answer": "x"}}, {json.dumps(good)}]')
     out = run_script("data/prepare_sft.py", "--input", as_list, "--out_dir", tmp_path / "j", "--block_size", "32")
@@ -86,20 +90,36 @@ def test_prepare_sft_jsonl_and_json_list(tmp_path):
 def test_chinese_poetry_file_with_a_bad_record(tmp_path):
     mirror = tmp_path / "mirror" / "曹操诗集"
     mirror.mkdir(parents=True)
-    poems = [{"title": "观沧海", "author": "曹操", "paragraphs": ["东临碣石，以观沧海。"]},
-             {"title": "\ud800", "author": "曹操", "paragraphs": ["x"]}]
+    poems = [
+        {"title": "观沧海", "author": "曹操", "paragraphs": ["东临碣石，以观沧海。"]},
+        {"title": "\ud800", "author": "曹操", "paragraphs": ["x"]},
+    ]
     (mirror / "caocao.json").write_text(json.dumps(poems), encoding="utf-8")  # ASCII escapes: the file is valid UTF-8
-    out = run_script("data/fetch_data.py", "chinese-poetry", "--mirror", tmp_path / "mirror", "--collections", "caocao",
-                     "--out_dir", tmp_path / "out")
-    assert "skipped 1 malformed record(s), first: " in out.stdout and "record 2: title is not valid Unicode" in out.stdout
+    out = run_script(
+        "data/fetch_data.py",
+        "chinese-poetry",
+        "--mirror",
+        tmp_path / "mirror",
+        "--collections",
+        "caocao",
+        "--out_dir",
+        tmp_path / "out",
+    )
+    assert (
+        "skipped 1 malformed record(s), first: " in out.stdout and "record 2: title is not valid Unicode" in out.stdout
+    )
     assert "观沧海" in (tmp_path / "out" / "docs.jsonl").read_text(encoding="utf-8")
 
 
+@pytest.mark.slow
 def test_sample_prompts_that_are_not_utf8(tiny_runs, tmp_path):
     pre, _ = tiny_runs
-    proc = subprocess.run([sys.executable, "sample.py", f"--out_dir={pre}", b"--start=\xff\xfe"], cwd=ROOT,
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "sample.py", f"--out_dir={pre}", b"--start=\xff\xfe"], cwd=ROOT, capture_output=True, text=True
+    )
     one_line_error(proc, "--start is not valid Unicode (lone surrogate U+DCFF at character 1)")
     (tmp_path / "p.txt").write_bytes(b"\xe4\xbd\xa0\xff")
-    one_line_error(run_script("sample.py", f"--out_dir={pre}", f"--start=FILE:{tmp_path / 'p.txt'}", check=False),
-                   f"{tmp_path / 'p.txt'}: not UTF-8 (byte 0xff at offset 3)")
+    one_line_error(
+        run_script("sample.py", f"--out_dir={pre}", f"--start=FILE:{tmp_path / 'p.txt'}", check=False),
+        f"{tmp_path / 'p.txt'}: not UTF-8 (byte 0xff at offset 3)",
+    )

@@ -9,7 +9,7 @@ import torch
 
 from conftest import SHARED_POETRY, load_script, run_script
 from data_utils import PretrainData
-from tokenizer import EOT, GPT2
+from miniglm.tokenizer import EOT, GPT2
 
 
 def test_fortunes_documents(fortunes_docs):
@@ -69,9 +69,13 @@ def test_local_files_and_malformed_records(tmp_path):
     assert texts == ["第一篇", "第二篇", "一", "二"]
     strict = run_script("data/fetch_data.py", "local", "--input", tmp_path / "b.jsonl", "--strict",
                         "--out_dir", tmp_path / "o2", check=False)
-    assert strict.returncode == 1 and strict.stderr.strip() == f"error: {tmp_path / 'b.jsonl'}:2: bad JSON (Expecting value)"
+    assert (
+        strict.returncode == 1
+        and strict.stderr.strip() == f"error: {tmp_path / 'b.jsonl'}:2: bad JSON (Expecting value)"
+    )
 
 
+@pytest.mark.slow
 def test_missing_inputs_give_one_line_errors(tmp_path):
     proc = run_script("data/fetch_data.py", "fortunes-zh", "--fortunes_dir", tmp_path, check=False)
     assert proc.returncode == 1 and "apt-get install -y fortunes-zh" in proc.stderr and "Traceback" not in proc.stderr
@@ -96,7 +100,7 @@ def test_download_resumes_a_dropped_transfer(tmp_path):
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
             if len(starts) == 1:  # first try: half the bytes, then the connection drops
-                self.wfile.write(body[:len(body) // 2])
+                self.wfile.write(body[: len(body) // 2])
                 self.wfile.flush()
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return

@@ -3,10 +3,12 @@ AutoModelForCausalLM and AutoTokenizer, computing what the project computes."""
 import pytest
 import torch
 
-from chat_template import render_prompt
-from checkpoint import load_model
 from conftest import run_script
-from generation import generate
+from miniglm.chat_template import render_prompt
+from miniglm.checkpoint import load_model
+from miniglm.generation import generate
+
+pytestmark = pytest.mark.slow  # every test here trains, exports or runs end to end
 
 TEXTS = ["床前明月光，疑是地上霜。", "龘靐齉 are rare characters", "Hello world, it's 12:45 o'clock!!",
          "emoji 🙂🐉👩‍👩‍👧 and ñ ü ß", "\t  spaces \n\n 问:你好\n答:"]

@@ -3,9 +3,9 @@ HF transformers' semantics, over each row's answer; greedy unchanged at penalty 
 import pytest
 import torch
 
-from checkpoint import load_model
-from evaluations import held_out_questions
-from generation import answer, answer_batch, generate, model_constraint, penalize
+from miniglm.checkpoint import load_model
+from miniglm.generation import answer, answer_batch, generate, model_constraint, penalize
+from miniglm.metrics import held_out_questions
 from model import GPT, GPTConfig
 
 
@@ -24,7 +24,11 @@ def test_penalties_equal_hf_transformers_logits_processors():
     for n in (2, 3):
         want = NoRepeatNGramLogitsProcessor(n)(written, logits.clone())
         got = penalize(logits, written.tolist(), 1.0, n)
-        assert torch.equal(got.isinf(), want.isinf()) and got.isinf().any() and torch.equal(got[~got.isinf()], want[~want.isinf()])
+        assert (
+            torch.equal(got.isinf(), want.isinf())
+            and got.isinf().any()
+            and torch.equal(got[~got.isinf()], want[~want.isinf()])
+        )
 
 
 def tiny():
@@ -58,7 +62,7 @@ def test_no_repeat_ngram_never_repeats_an_ngram_of_the_answer():
     for n in (2, 3):
         out = generate(model, prompt, 18, temperature=0, no_repeat_ngram=n)[:, 4:].tolist()
         for row in out:
-            grams = [tuple(row[i:i + n]) for i in range(len(row) - n + 1)]
+            grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
             assert len(grams) == len(set(grams)), (n, row)
 
 
@@ -71,10 +75,14 @@ def test_batched_answers_equal_one_by_one_under_the_penalties(tiny_runs, tiny_sf
     constraint = model_constraint(tok, ckpt)
     questions = [q for q, _ in held_out_questions(tiny_sft_data, 14) if len(tok.encode(q)) < 36][:12] + ["你好"]
     for settings in (dict(repetition_penalty=1.3), dict(repetition_penalty=1.2, no_repeat_ngram=3)):
-        one = ["".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=20, temperature=0, **settings))
-               for q in questions]
-        assert answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=20, batch_size=5,
-                            **settings) == one
+        one = [
+            "".join(answer(model, tok, [], q, constraint=constraint, max_new_tokens=20, temperature=0, **settings))
+            for q in questions
+        ]
+        assert (
+            answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=20, batch_size=5, **settings)
+            == one
+        )
         greedy = answer_batch(model, tok, questions, constraint=constraint, max_new_tokens=20, batch_size=5)
         assert greedy != one  # the settings do change some answers
 
@@ -82,8 +90,9 @@ def test_batched_answers_equal_one_by_one_under_the_penalties(tiny_runs, tiny_sf
 def test_no_repeat_ngram_never_leaves_a_character_half_written():
     """With GPT-2's byte tokens a repeated character repeats an n-gram: the rule may ban the
     only token that ends the character being written. The constraint wins there."""
-    from constraint import make_constraint
-    from tokenizer import GPT2
+    from miniglm.constraint import make_constraint
+    from miniglm.tokenizer import GPT2
+
     tok = GPT2
     pieces = tok.encode("龘")
     assert len(pieces) >= 2  # GPT-2 spells it in byte pieces
@@ -91,6 +100,14 @@ def test_no_repeat_ngram_never_leaves_a_character_half_written():
     written = pieces + pieces[:-1]  # its last piece would repeat an n-gram of the answer
     constraint = make_constraint(tok, "chars", chars="龘")
     for n in range(2, len(pieces) + 1):
-        out = generate(model, torch.tensor([written]), 1, temperature=0, constraint=constraint,
-                       no_repeat_ngram=n, written=[written], states=[tok.decode_bytes(pieces[:-1])])
+        out = generate(
+            model,
+            torch.tensor([written]),
+            1,
+            temperature=0,
+            constraint=constraint,
+            no_repeat_ngram=n,
+            written=[written],
+            states=[tok.decode_bytes(pieces[:-1])],
+        )
         assert out[0, -1].item() == pieces[-1]

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-from generation import generate, sample_next
+from miniglm.generation import generate, sample_next
 from model import GPT, GPTConfig, LinearCrossEntropy, masked_cross_entropy
 from train import load_config
 
@@ -46,7 +46,9 @@ def test_linear_cross_entropy_equals_the_plain_loss_and_its_gradients():
         assert torch.allclose(x.grad, want[0], atol=1e-6) and torch.allclose(w.grad, want[1], atol=1e-6)
     assert not x.grad[::9].any()
     with torch.no_grad():  # evaluation: the loss alone
-        assert torch.allclose(LinearCrossEntropy.apply(x, w, targets, 8, None, False), F.cross_entropy(x @ w.t(), targets))
+        assert torch.allclose(
+            LinearCrossEntropy.apply(x, w, targets, 8, None, False), F.cross_entropy(x @ w.t(), targets)
+        )
 
 
 class CountMatmuls(torch.overrides.TorchFunctionMode):
@@ -124,6 +126,7 @@ def test_linear_cross_entropy_under_autocast_matches_the_plain_autocast_loss():
     assert abs(loss.item() - F.cross_entropy(xb.float() @ wb.float().t(), targets).item()) < 0.02
 
 
+@pytest.mark.slow
 def test_chunked_loss_compiles_whole_and_trains_like_eager():
     """Under torch.compile(fullgraph=True), in fp32 and under bf16 autocast (the GPU's
     training setting), the chunked loss traces without a graph break (an SFT mask included:
@@ -202,6 +205,7 @@ def test_static_decode_step_equals_the_growing_cache(rope):
     assert "k_cache" not in str(model.state_dict().keys())  # the buffers are not saved with the weights
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_is_one_graph_and_gives_the_same_tokens():
     """decode_mode "compiled" (torch.compile, mode="reduce-overhead": CUDA graphs on a GPU;
     here inductor on the CPU): one compilation serves every step (a second one would fail),
@@ -222,7 +226,7 @@ def test_generation_stops_at_stop_token():
     stop = free[4]
     first = free.index(stop)
     out = generate(model, prompt, 12, temperature=0, stop_token=stop)[0, 3:].tolist()
-    assert out == free[:first + 1]  # same tokens up to and including the first stop token
+    assert out == free[: first + 1]  # same tokens up to and including the first stop token
 
 
 @pytest.mark.parametrize("rope", [False, True])
@@ -234,7 +238,7 @@ def test_packed_block_equals_samples_run_alone(rope):
     logits, _ = model(packed, segment_ids=seg)
     for sample, start in ((a, 0), (b, 7), (c, 17)):
         alone, _ = model(sample)
-        assert torch.allclose(logits[:, start:start + sample.size(1)], alone, atol=1e-5)
+        assert torch.allclose(logits[:, start : start + sample.size(1)], alone, atol=1e-5)
 
 
 def test_top_k_and_top_p_filter():

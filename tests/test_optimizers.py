@@ -1,4 +1,4 @@
-"""Muon with its Newton-Schulz iteration in a chosen dtype (optimizers.py): the same steps as
+"""Muon with its Newton-Schulz iteration in a chosen dtype (miniglm/optimizers.py): the same steps as
 torch.optim.Muon, the dtype picked per device, and start-up probes that leave the RNG alone."""
 import os
 from unittest import mock
@@ -6,10 +6,10 @@ from unittest import mock
 import pytest
 import torch
 
-import distributed
 from conftest import run_script
 from data_utils import UserError
-from optimizers import Muon, orthogonalize, pick_ns_dtype
+from miniglm import distributed
+from miniglm.optimizers import Muon, orthogonalize, pick_ns_dtype
 
 SHAPES = [(24, 40), (40, 24), (32, 32)]  # wide, tall (iterated transposed) and square
 
@@ -38,21 +38,25 @@ def test_muon_in_bf16_is_torchs_muon_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(p1, p2))
     # the state is torch's too: a checkpoint of either loads into the other
     assert ours.state_dict()["param_groups"] == theirs.state_dict()["param_groups"]
-    assert all(torch.equal(ours.state[a]["momentum_buffer"], theirs.state[b]["momentum_buffer"]) for a, b in zip(p1, p2))
+    assert all(
+        torch.equal(ours.state[a]["momentum_buffer"], theirs.state[b]["momentum_buffer"]) for a, b in zip(p1, p2)
+    )
 
 
 def test_muon_in_fp32_is_torchs_iteration_without_the_bf16_cast():
     """torch's own _zeropower_via_newtonschulz with its bf16 cast made a no-op is the fp32
     reference: the step's update matches it to fp32 rounding, and differs from bf16's."""
     from torch.optim import _muon
+
     (ours, p1), (theirs, p2), grads = muon_pair(torch.float32)
     with mock.patch.object(torch.Tensor, "bfloat16", lambda self: self.clone()):
         run_steps(theirs, p2, grads)
         g = torch.randn(40, 24, generator=torch.Generator().manual_seed(1))
         reference = _muon._zeropower_via_newtonschulz(g, (3.4445, -4.7750, 2.0315), 5, 1e-7)
     assert reference.dtype == torch.float32
-    torch.testing.assert_close(orthogonalize(g, torch.float32, (3.4445, -4.7750, 2.0315), 5, 1e-7), reference,
-                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        orthogonalize(g, torch.float32, (3.4445, -4.7750, 2.0315), 5, 1e-7), reference, rtol=1e-5, atol=1e-6
+    )
     run_steps(ours, p1, grads)
     for a, b in zip(p1, p2):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
@@ -73,9 +77,10 @@ def test_ns_dtype_is_a_rule_per_device_and_a_recorded_one_wins():
         pick_ns_dtype("fp8", "cpu")
 
 
+@pytest.mark.slow
 def test_the_cpu_choice_does_not_depend_on_the_cpus_bf16_speed():
     """An AVX2-only CPU (oneDNN capped) and this one choose alike: no stopwatch decides."""
-    code = "import torch; from optimizers import pick_ns_dtype; print(*pick_ns_dtype('auto', 'cpu'))"
+    code = "import torch; from miniglm.optimizers import pick_ns_dtype; print(*pick_ns_dtype('auto', 'cpu'))"
     outs = {run_script("-c", code, env=dict(os.environ, **isa)).stdout for isa in ({}, {"ONEDNN_MAX_CPU_ISA": "AVX2"})}
     assert len(outs) == 1 and outs.pop().startswith("torch.float32 auto: float32 on cpu")
 

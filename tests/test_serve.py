@@ -26,7 +26,7 @@ def val_questions(data_dir, n):
 
 def one_by_one(model, tok, meta, question, max_tokens, **decoding):
     """What sample.py --chat prints for question: generation.answer, alone."""
-    from generation import DEFAULT_DECODING, answer, model_constraint, model_template
+    from miniglm.generation import DEFAULT_DECODING, answer, model_constraint, model_template
     return "".join(answer(model, tok, [], question, constraint=model_constraint(tok, meta),
                           template=model_template(meta), max_new_tokens=max_tokens,
                           **dict(DEFAULT_DECODING, **decoding)))
@@ -36,10 +36,10 @@ def one_by_one(model, tok, meta, question, max_tokens, **decoding):
 def test_engine_answers_equal_one_by_one_whatever_joins_when(run, tiny_runs, vocab_runs):
     """Requests join a running batch at different steps (one per step, some sampled with a
     seed, some greedy without penalties, one cancelled): each answer equals its one-by-one run."""
-    from batching import Engine, Job
-    from chat_template import render_prompt
-    from checkpoint import load_model
-    from generation import DEFAULT_DECODING, GREEDY, model_constraint
+    from miniglm.batching import Engine, Job
+    from miniglm.chat_template import render_prompt
+    from miniglm.checkpoint import load_model
+    from miniglm.generation import DEFAULT_DECODING, GREEDY, model_constraint
     out = tiny_runs[1] if run == "trimmed" else vocab_runs["bpe"] / "sft"
     data = tiny_runs[0].parent / "sft-data" if run == "trimmed" else vocab_runs["bpe"] / "sft-data"
     model, tok, meta = load_model(out)
@@ -78,6 +78,7 @@ def server(tiny_runs):
     """serve.py's app on a real uvicorn server in a thread: the tiny SFT model and its
     pretrained base, an API key, a small body limit."""
     import uvicorn
+
     from serve import load_models, make_app
     models = load_models([tiny_runs[1], tiny_runs[0]], max_batch=4, max_queue=4)
     port = free_port()
@@ -113,7 +114,7 @@ def test_chat_streamed_equals_unstreamed_equals_sample(server, tiny_runs, tiny_s
     assert chunks[0].choices[0].delta.role == "assistant"
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == full.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens <= 10
-    from chat_template import render_prompt
+    from miniglm.chat_template import render_prompt
     assert full.usage.prompt_tokens == len(render_prompt(sft.tok, [], q))
     # sample.py itself, as a user runs it
     proc = run_script("sample.py", f"--out_dir={tiny_runs[1]}", "--chat", f"--start={q}", "--max_new_tokens=10",
@@ -122,12 +123,12 @@ def test_chat_streamed_equals_unstreamed_equals_sample(server, tiny_runs, tiny_s
 
 
 def meta_of(out_dir):
-    from checkpoint import load_model
+    from miniglm.checkpoint import load_model
     return load_model(out_dir)[2]
 
 
 def test_completions_streamed_and_not_and_their_limits(server, tiny_runs):
-    from generation import WRITING, stream_text
+    from miniglm.generation import WRITING, stream_text
     models, url = server
     c, pre = client(url), models["pre"]
     kw = dict(model="pre", prompt="床前明月光", temperature=0, max_tokens=12)
@@ -193,6 +194,7 @@ def test_full_batch_answers_429_and_a_cancelled_stream_frees_its_row(tiny_runs):
     """One row and no queue: while a stream holds the row, another request gets 429; once
     the client closes that stream, the row is freed at the next step and served again."""
     import uvicorn
+
     from serve import load_models, make_app
     models = load_models([tiny_runs[0]], max_batch=1, max_queue=0)
     engine, model = models["pre"].engine, models["pre"].model
@@ -224,6 +226,7 @@ def test_full_batch_answers_429_and_a_cancelled_stream_frees_its_row(tiny_runs):
         thread.join(timeout=10)
 
 
+@pytest.mark.slow
 def test_serve_cli_answers_the_client_with_a_key_from_the_environment(tiny_runs):
     port = free_port()
     env = dict(os.environ, MINIGLM_API_KEY="k3y")

@@ -6,12 +6,13 @@ import torch
 
 import train
 from conftest import TINY, load_script, make_sft_data, read_log, run_script
+from data import sft_formats
 from data_utils import SFTData, UserError
+from miniglm.chat_template import render_conversation
+from miniglm.checkpoint import load_checkpoint
+from miniglm.tokenizer import EOT, GPT2
 from model import GPT, GPTConfig
 from test_tokenizer import spans
-from chat_template import render_conversation
-from data import sft_formats
-from tokenizer import EOT, GPT2
 
 decode = GPT2.decode
 
@@ -42,17 +43,32 @@ def test_system_tools_observation_and_loss_flags():
     assert spans(ids, mask) == ['调用:天气\n{"city": "北京"}<|endoftext|>', "谢谢", "不客气<|endoftext|>"]
 
 
-CANONICAL = {"messages": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}],
-             "tools": None}
+CANONICAL = {
+    "messages": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}],
+    "tools": None,
+}
 
 
-@pytest.mark.parametrize("record", [
-    {"question": "《静夜思》的作者是谁?", "answer": "李白。"},
-    {"instruction": "《静夜思》的作者是谁?", "input": "", "output": "李白。"},
-    {"conversations": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}]},
-    {"messages": [{"role": "user", "content": "《静夜思》的作者是谁?"}, {"role": "assistant", "content": "李白。"}]},
-    {"conversations": [{"from": "human", "value": "《静夜思》的作者是谁?"}, {"from": "gpt", "value": "李白。"}]},
-])
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"question": "《静夜思》的作者是谁?", "answer": "李白。"},
+        {"instruction": "《静夜思》的作者是谁?", "input": "", "output": "李白。"},
+        {
+            "conversations": [
+                {"role": "user", "content": "《静夜思》的作者是谁?"},
+                {"role": "assistant", "content": "李白。"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "《静夜思》的作者是谁?"},
+                {"role": "assistant", "content": "李白。"},
+            ]
+        },
+        {"conversations": [{"from": "human", "value": "《静夜思》的作者是谁?"}, {"from": "gpt", "value": "李白。"}]},
+    ],
+)
 def test_every_format_parses_to_the_same_conversation(record):
     assert sft_formats.to_conversation(record) == CANONICAL
 
@@ -65,9 +81,18 @@ def test_text_blocks_parse_to_the_same_conversation():
 
 
 def test_sharegpt_system_and_tool_roles():
-    conv = sft_formats.to_conversation({"system": "S", "tools": '[{"name": "f"}]', "conversations": [
-        {"from": "human", "value": "q"}, {"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'},
-        {"from": "observation", "value": "r"}, {"from": "gpt", "value": "a"}]})
+    conv = sft_formats.to_conversation(
+        {
+            "system": "S",
+            "tools": '[{"name": "f"}]',
+            "conversations": [
+                {"from": "human", "value": "q"},
+                {"from": "function_call", "value": '{"name": "f", "arguments": "{}"}'},
+                {"from": "observation", "value": "r"},
+                {"from": "gpt", "value": "a"},
+            ],
+        }
+    )
     assert [m["role"] for m in conv["messages"]] == ["system", "user", "assistant", "observation", "assistant"]
     assert conv["messages"][2]["tool"] == "f" and conv["tools"] == [{"name": "f"}]
 
@@ -79,12 +104,17 @@ def glm_render(record):
 
 
 def test_chatglm3_tool_turn_is_a_trained_call_and_a_masked_observation():
-    turns = [{"role": "system", "content": "你是助手"}, {"role": "user", "content": "北京天气?"},
-             {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 25}},
-             {"role": "assistant", "content": "25度"}]
+    turns = [
+        {"role": "system", "content": "你是助手"},
+        {"role": "user", "content": "北京天气?"},
+        {"role": "tool", "name": "get_weather", "parameters": {"city": "北京"}, "observation": {"temp": 25}},
+        {"role": "assistant", "content": "25度"},
+    ]
     text, trained = glm_render({"tools": [{"name": "get_weather"}], "conversations": turns})
-    assert text == ('系统:你是助手\n工具:[{"name": "get_weather"}]\n问:北京天气?\n'
-                    '答:调用:get_weather\n{"city": "北京"}<|endoftext|>结果:{"temp": 25}\n答:25度<|endoftext|>')
+    assert text == (
+        '系统:你是助手\n工具:[{"name": "get_weather"}]\n问:北京天气?\n'
+        '答:调用:get_weather\n{"city": "北京"}<|endoftext|>结果:{"temp": 25}\n答:25度<|endoftext|>'
+    )
     assert trained == ['调用:get_weather\n{"city": "北京"}<|endoftext|>', "25度<|endoftext|>"]
     # the turn's loss flag holds for both halves: the call and the observation
     _, trained = glm_render({"conversations": turns[:2] + [dict(turns[2], loss=False)] + turns[3:]})
@@ -95,11 +125,20 @@ def test_chatglm3_tool_turn_is_a_trained_call_and_a_masked_observation():
         sft_formats.to_conversation({"conversations": [turns[1], {"role": "tool", "parameters": {}}, turns[3]]})
 
 
-@pytest.mark.parametrize("turns, problem", [
-    ([{"role": "system", "content": "A"}, {"role": "system", "content": "B"}], "2 system messages"),
-    ([{"role": "user", "content": "q0"}, {"role": "assistant", "content": "a0"}, {"role": "system", "content": "S"}],
-     "system message comes after a user turn"),
-])
+@pytest.mark.parametrize(
+    "turns, problem",
+    [
+        ([{"role": "system", "content": "A"}, {"role": "system", "content": "B"}], "2 system messages"),
+        (
+            [
+                {"role": "user", "content": "q0"},
+                {"role": "assistant", "content": "a0"},
+                {"role": "system", "content": "S"},
+            ],
+            "system message comes after a user turn",
+        ),
+    ],
+)
 def test_one_system_message_before_the_first_user_turn(turns, problem):
     record = {"conversations": turns + [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}
     with pytest.raises(sft_formats.BadRecord, match=problem):
@@ -113,8 +152,12 @@ def test_glm4_system_tools_render_like_top_level_tools_and_unused_keys_are_repor
     top_level = {"messages": [{"role": "system", "content": "你是助手"}] + qa, "tools": tools}
     assert glm_render(on_system) == glm_render(top_level) and "get_weather" in glm_render(on_system)[0]
     f = tmp_path / "glm4.jsonl"
-    odd = {"messages": [{"role": "user", "content": "q", "lang": "zh"}, {"role": "assistant", "content": "a", "lang": "zh",
-                                                                        "score": 5}]}
+    odd = {
+        "messages": [
+            {"role": "user", "content": "q", "lang": "zh"},
+            {"role": "assistant", "content": "a", "lang": "zh", "score": 5},
+        ]
+    }
     f.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in [on_system, odd, odd]) + "\n", encoding="utf-8")
     out = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o").stdout
     assert f"ignored message key 'lang' in 4 message(s), first at {f}:2" in out
@@ -125,14 +168,20 @@ def test_glm4_system_tools_render_like_top_level_tools_and_unused_keys_are_repor
 
 def test_malformed_records_report_file_and_line(tmp_path):
     f = tmp_path / "bad.jsonl"
-    f.write_text("\n".join([
-        json.dumps({"question": "q", "answer": "a"}),
-        "{broken",
-        json.dumps({"question": "q"}),
-        json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
-        json.dumps({"question": "q", "answer": " "}),
-        json.dumps({"question": "q2", "answer": "a2"}),
-    ]) + "\n", encoding="utf-8")
+    f.write_text(
+        "\n".join(
+            [
+                json.dumps({"question": "q", "answer": "a"}),
+                "{broken",
+                json.dumps({"question": "q"}),
+                json.dumps({"messages": [{"role": "wizard", "content": "x"}]}),
+                json.dumps({"question": "q", "answer": " "}),
+                json.dumps({"question": "q2", "answer": "a2"}),
+            ]
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     convs, bad = sft_formats.read_records(f, "auto", strict=False)
     assert len(convs) == 2
     assert [b.split(": ", 1)[0] for b in bad] == [f"{f}:2", f"{f}:3", f"{f}:4", f"{f}:5"]
@@ -182,17 +231,23 @@ def test_truncation_drops_the_oldest_turns_first():
     assert text.startswith("系统:你是诗人\n问:第三个问题") and cuts["dropped_turns"] == 2
 
 
+@pytest.mark.slow
 def test_max_answer_tokens_cuts_every_answer(tmp_path):
     text, trained, cuts = fitted(qa("问题?", "床前明月光，疑是地上霜。"), 256, max_answer_tokens=8)
     assert len(GPT2.encode(trained[0])) <= 8 and "床前明月光".startswith(trained[0][:2]) and "\ufffd" not in text
     assert cuts == {"truncated": 1, "cut_answer_max_tokens": 1}
     # end to end: the counts land in meta.json, no sample is lost to a long question
     f = tmp_path / "qa.jsonl"
-    rows = [{"question": "短问题", "answer": "短答案"}, {"question": "长" * 40, "answer": "答"},
-            {"question": "问", "answer": "很长的答案" * 20}, {"question": "再问", "answer": "再答"}]
+    rows = [
+        {"question": "短问题", "answer": "短答案"},
+        {"question": "长" * 40, "answer": "答"},
+        {"question": "问", "answer": "很长的答案" * 20},
+        {"question": "再问", "answer": "再答"},
+    ]
     f.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    out = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--block_size", "32",
-                     "--val_fraction", "0.25").stdout
+    out = run_script(
+        "data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--block_size", "32", "--val_fraction", "0.25"
+    ).stdout
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["truncated"] == 2 and meta["cut_question_left"] == 1 and meta["cut_answer_right"] == 1
     assert meta["skipped_no_trained_token"] == 0 and meta["train_samples"] + meta["val_samples"] == 4
@@ -205,8 +260,9 @@ def test_packing_is_best_fit_decreasing_and_keeps_every_sample_whole():
     samples = [([n] * n, [0] * (n // 2) + [1] * (n - n // 2)) for n in (10, 60, 30, 50, 20, 40)]
     ids, mask, seg = prepare_sft.to_rows(samples, 70, pack=True, pad_id=0)
     assert ids.shape == (3, 70) and (seg > 0).all()  # 210 tokens in 3 full rows (in order: 4 rows)
-    found = sorted((ids[r][seg[r] == s].tolist(), mask[r][seg[r] == s].tolist())
-                   for r in range(3) for s in set(seg[r].tolist()))
+    found = sorted(
+        (ids[r][seg[r] == s].tolist(), mask[r][seg[r] == s].tolist()) for r in range(3) for s in set(seg[r].tolist())
+    )
     assert found == sorted(samples)
     ids, mask, seg = prepare_sft.to_rows(samples, 70, pack=False, pad_id=0)
     assert ids.shape == (6, 70) and seg is None
@@ -229,7 +285,7 @@ def test_sft_batch_alignment_and_show(sft_dir):
 
 def test_show_prints_each_token_and_its_target(tmp_path, corpus_docs):
     out = make_sft_data(corpus_docs, tmp_path, "--show", "6", "--block_size", "128").stdout
-    samples = ["--- sample" + s for s in out[out.index("--- sample 0"):].split("--- sample")[1:]]
+    samples = ["--- sample" + s for s in out[out.index("--- sample 0") :].split("--- sample")[1:]]
     tables = [[line for line in s.splitlines()[2:] if line.count("|") == 3] for s in samples]
     targets = [[line.rsplit("|", 1)[1].strip() for line in t] for t in tables]
     # a sample whose answer fits the row: masked question, then the trained end token (a cut
@@ -245,17 +301,33 @@ def test_show_prints_each_token_and_its_target(tmp_path, corpus_docs):
 def test_default_set_splits_by_poem(sft_dir):
     val = [json.loads(line) for line in (sft_dir / "sft_val.jsonl").read_text().splitlines()]
     trn = [json.loads(line) for line in (sft_dir / "sft_train.jsonl").read_text().splitlines()]
+
     def poems(convs):  # (title question, poem text) of the recitation questions
-        return {(c["messages"][0]["content"], c["messages"][1]["content"]) for c in convs
-                if c["messages"][0]["content"].startswith("请背诵《")}
+        return {
+            (c["messages"][0]["content"], c["messages"][1]["content"])
+            for c in convs
+            if c["messages"][0]["content"].startswith("请背诵《")
+        }
+
     assert poems(val) and poems(trn) and not (poems(val) & poems(trn))
 
 
+@pytest.mark.slow
 def test_packing_changes_efficiency_not_the_loss(tmp_path, corpus_docs):
     """The summed answer loss over all samples is the same packed or padded."""
     for mode in ("pad", "pack"):
-        run_script("data/prepare_sft.py", "--poems", corpus_docs, "--max_poems", "400", "--out_dir", tmp_path / mode,
-                   "--block_size", "128", *(["--pack"] if mode == "pack" else []))
+        run_script(
+            "data/prepare_sft.py",
+            "--poems",
+            corpus_docs,
+            "--max_poems",
+            "400",
+            "--out_dir",
+            tmp_path / mode,
+            "--block_size",
+            "128",
+            *(["--pack"] if mode == "pack" else []),
+        )
     pad_meta = json.loads((tmp_path / "pad" / "meta.json").read_text())
     pack_meta = json.loads((tmp_path / "pack" / "meta.json").read_text())
     assert pack_meta["val_rows"] < pad_meta["val_rows"] and pack_meta["val_mask_share"] > pad_meta["val_mask_share"]
@@ -278,16 +350,27 @@ def test_packing_changes_efficiency_not_the_loss(tmp_path, corpus_docs):
     assert abs(totals["pad"][0] - totals["pack"][0]) < 1e-3 * totals["pad"][0]
 
 
+@pytest.mark.slow
 def test_tiny_sft_lowers_answer_val_loss(tmp_path, sft_dir):
-    train.main([*TINY, "--block_size=64", f"--data_dir={sft_dir}", f"--out_dir={tmp_path}", "--max_iters=60",
-                "--eval_interval=30", "--batch_size=8"])
+    train.main(
+        [
+            *TINY,
+            "--block_size=64",
+            f"--data_dir={sft_dir}",
+            f"--out_dir={tmp_path}",
+            "--max_iters=60",
+            "--eval_interval=30",
+            "--batch_size=8",
+        ]
+    )
     evals = read_log(tmp_path, "eval")
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 3.0
-    assert train.load_checkpoint(tmp_path / "ckpt.pt")["kind"] == "sft"
+    assert load_checkpoint(tmp_path / "ckpt.pt")["kind"] == "sft"
 
 
 def test_poem_questions_handle_short_poems():
     import random
+
     for lines in (["。"], ["一句"], ["床前明月光，疑是地上霜。", "举头望明月，低头思故乡。"]):
         convs = prepare_sft.poem_conversations({"title": "题", "author": "某", "lines": lines}, random.Random(0))
         assert convs[0]["messages"][1]["content"] == "\n".join(lines)
@@ -297,16 +380,28 @@ def test_poem_questions_handle_short_poems():
 
 def test_every_next_line_is_drilled_in_training_only():
     import random
-    poem = {"title": "题", "author": "某", "lines": ["一二三四五，六七八九十。", "甲乙丙丁戊，己庚辛壬癸。",
-                                                   "子丑寅卯辰，巳午未申酉。", "春夏秋冬月，东南西北风。"]}
+
+    poem = {
+        "title": "题",
+        "author": "某",
+        "lines": [
+            "一二三四五，六七八九十。",
+            "甲乙丙丁戊，己庚辛壬癸。",
+            "子丑寅卯辰，巳午未申酉。",
+            "春夏秋冬月，东南西北风。",
+        ],
+    }
     few = prepare_sft.poem_conversations(poem, random.Random(3), all_next_lines=False)
     every = prepare_sft.poem_conversations(poem, random.Random(3))
     asked = lambda convs: [c["messages"][0]["content"] for c in convs if "下一句" in c["messages"][0]["content"]]  # noqa: E731
-    assert len(asked(few)) == 3 and sorted(asked(every)) == sorted(f"“{h}”的下一句是什么?" for h in prepare_sft.clauses(poem["lines"])[:-1])
+    assert len(asked(few)) == 3 and sorted(asked(every)) == sorted(
+        f"“{h}”的下一句是什么?" for h in prepare_sft.clauses(poem["lines"])[:-1]
+    )
     assert [c for c in every if not c.get("train_only")] == few  # the same questions, and the rng used alike
     assert all("下一句" in c["messages"][0]["content"] for c in every if c.get("train_only"))
 
 
+@pytest.mark.slow
 def test_the_drill_leaves_the_held_out_questions_alone(tmp_path, corpus_docs):
     make_sft_data(corpus_docs, tmp_path / "drilled")  # the default
     make_sft_data(corpus_docs, tmp_path / "plain", "--no-all_next_lines")
@@ -316,21 +411,32 @@ def test_the_drill_leaves_the_held_out_questions_alone(tmp_path, corpus_docs):
         assert (tmp_path / "drilled" / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_strict_stops_at_the_first_bad_record_in_file_order(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text('{"question": "一", "answer": "二"}\n{"question": "没有答案"}\nnot json\n', encoding="utf-8")
     proc = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--strict", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {f}:2: ")
     t = tmp_path / "d.txt"
-    t.write_bytes("问:一\n答:二\n\n没有标记\n\n问:三\n答:\xff四\n".encode("utf-8").replace("\xff".encode("utf-8"), b"\xff"))
+    t.write_bytes(
+        "问:一\n答:二\n\n没有标记\n\n问:三\n答:\xff四\n".encode("utf-8").replace("\xff".encode("utf-8"), b"\xff")
+    )
     proc = run_script("data/prepare_sft.py", "--input", t, "--out_dir", tmp_path / "o", "--strict", check=False)
     assert proc.returncode == 1 and proc.stderr.startswith(f"error: {t}:4: ")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".jsonl", ".txt"])
 def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path, suffix):
-    rows = ['{"question": "一", "answer": "二"}', '{"question": "坏", "answer": "X"}', '{"question": "三", "answer": "四"}'] \
-        if suffix == ".jsonl" else ["问:一\n答:二", "问:坏\n答:X", "问:三\n答:四"]
+    rows = (
+        [
+            '{"question": "一", "answer": "二"}',
+            '{"question": "坏", "answer": "X"}',
+            '{"question": "三", "answer": "四"}',
+        ]
+        if suffix == ".jsonl"
+        else ["问:一\n答:二", "问:坏\n答:X", "问:三\n答:四"]
+    )
     data = ("\r\n\r\n" if suffix == ".txt" else "\r\n").join(rows).encode("utf-8").replace(b"X", b"\xe4\xb8")
     f = tmp_path / f"d{suffix}"
     f.write_bytes(b"\xef\xbb\xbf" + data + b"\r\n")  # a BOM and CRLF line ends are fine
@@ -342,13 +448,20 @@ def test_bytes_that_are_not_utf8_are_reported_with_line_and_column(tmp_path, suf
     meta = json.loads((tmp_path / "o" / "meta.json").read_text())
     assert meta["train_samples"] + meta["val_samples"] == 2
     strict = run_script("data/prepare_sft.py", "--input", f, "--out_dir", tmp_path / "o", "--strict", check=False)
-    assert strict.returncode == 1 and strict.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    assert (
+        strict.returncode == 1
+        and strict.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    )
     # fetch_data's local documents behave the same (.txt as is; .jsonl as {"text": ...} lines)
     if suffix == ".jsonl":
         f = tmp_path / "docs.jsonl"
         f.write_bytes(b'{"text": "one"}\n{"text": "t\xe4\xb8"}\n')
         line, column = 2, len('{"text": "t') + 1
-    local = run_script("data/fetch_data.py", "local", "--input", f, "--out_dir", tmp_path / "l", "--strict", check=False)
-    assert local.returncode == 1 and local.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    local = run_script(
+        "data/fetch_data.py", "local", "--input", f, "--out_dir", tmp_path / "l", "--strict", check=False
+    )
+    assert (
+        local.returncode == 1 and local.stderr.strip() == f"error: {f}:{line}: not UTF-8 (byte 0xe4 at column {column})"
+    )
     loose = run_script("data/fetch_data.py", "local", "--input", f, "--out_dir", tmp_path / "l")
     assert "skipped 1 malformed record(s)" in loose.stdout and "not UTF-8" in loose.stdout

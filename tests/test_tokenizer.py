@@ -1,8 +1,8 @@
 import pytest
 
-import tokenizer
-from chat_template import render_conversation, render_prompt
-from tokenizer import EOT, GPT2, get_tokenizer
+from miniglm import tokenizer
+from miniglm.chat_template import render_conversation, render_prompt
+from miniglm.tokenizer import EOT, GPT2, get_tokenizer
 
 encode, decode = GPT2.encode, GPT2.decode
 
@@ -50,7 +50,9 @@ def spans(ids, mask):
 
 
 def test_single_turn_template_and_mask():
-    ids, mask = render_conversation(GPT2, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"}])
+    ids, mask = render_conversation(
+        GPT2, [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好!"}]
+    )
     assert decode(ids) == "问:你好\n答:你好!<|endoftext|>"
     assert spans(ids, mask) == ["你好!<|endoftext|>"]
     assert ids[-1] == EOT and mask[-1] == 1
@@ -60,4 +62,4 @@ def test_prompt_is_prefix_of_training_sample():
     conv = [{"role": "user", "content": "床前明月光的下一句?"}, {"role": "assistant", "content": "疑是地上霜"}]
     ids, mask = render_conversation(GPT2, conv)
     prompt = render_prompt(GPT2, [], conv[0]["content"])
-    assert ids[:len(prompt)] == prompt and not any(mask[:len(prompt)]) and all(mask[len(prompt):])
+    assert ids[: len(prompt)] == prompt and not any(mask[: len(prompt)]) and all(mask[len(prompt) :])

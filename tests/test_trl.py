@@ -3,14 +3,18 @@ transformers (export_hf.py), run through trl's DPOTrainer on the same batch of t
 (trl's DataCollatorForPreference, then DPOTrainer._compute_loss: its forward, its summed
 log-probabilities, its loss and its metrics) give the project's loss and rewards within 1e-5."""
 import json
+import math
 
 import pytest
 import torch
 
 import train
-from align import METRICS, PairData, dpo_loss, sequence_logps
-from checkpoint import load_model
 from conftest import TINY, run_script
+from miniglm.align.dpo import METRICS, PairData, dpo_loss
+from miniglm.align.reference import sequence_logps
+from miniglm.checkpoint import load_model
+
+pytestmark = pytest.mark.slow  # every test here trains, exports or runs end to end
 
 POEM = [("《静夜思》的作者是谁?", "《静夜思》的作者是李白。", "《静夜思》的作者是杜甫。"),
         ("“床前明月光”的下一句是什么?", "“床前明月光”的下一句是“疑是地上霜”。", "“床前明月光”的下一句是“春眠不觉晓”。"),
@@ -77,13 +81,20 @@ def test_trl_computes_the_projects_dpo_loss_and_rewards(aligned, case):
     hf_reference = AutoModelForCausalLM.from_pretrained(aligned / "reference")
     args = DPOConfig(output_dir=str(aligned / f"trl-{case}"), beta=BETA, loss_type=trl_types, report_to="none",
                      use_cpu=True, bf16=False, **({"loss_weights": trl_weights} if trl_weights else {}))
-    trainer = DPOTrainer(model=hf_policy, ref_model=hf_reference, args=args,
-                         train_dataset=Dataset.from_list([{"prompt": q, "chosen": c, "rejected": r} for q, c, r in POEM]),
-                         processing_class=AutoTokenizer.from_pretrained(aligned / "policy"))
+    trainer = DPOTrainer(
+        model=hf_policy,
+        ref_model=hf_reference,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": q, "chosen": c, "rejected": r} for q, c, r in POEM]),
+        processing_class=AutoTokenizer.from_pretrained(aligned / "policy"),
+    )
     inputs = DataCollatorForPreference(pad_token_id=tok.eot)(examples)
     trainer.model.train()
     with torch.no_grad():
         theirs = trainer._compute_loss(trainer.model, inputs, return_outputs=False)
     assert abs(theirs.item() - ours.item()) < 1e-5, (theirs.item(), ours.item())
     for name, value in zip(METRICS, our_metrics.tolist()):
-        assert abs(trainer._metrics["train"][name][-1] - value) < 1e-5, (name, trainer._metrics["train"][name][-1], value)
+        # summed log-probabilities are ~100 in size, where float32's step is 7.6e-6: another CPU's summation
+        # order moved logps/chosen by 1.5e-5 (2 steps) on a Zen 4, so they are compared relative to their size
+        theirs_value = trainer._metrics["train"][name][-1]
+        assert math.isclose(theirs_value, value, rel_tol=1e-6, abs_tol=1e-5), (name, theirs_value, value)

@@ -9,6 +9,7 @@ workers that stop when their torchrun is killed (watch_launcher).
 """
 import fcntl
 import os
+import shutil
 import socket
 import struct
 import sys
@@ -23,7 +24,8 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data_utils import UserError, pick_device
-from optimizers import each_optimizer
+from miniglm.checkpoint import save_checkpoint
+from miniglm.optimizers import each_optimizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 PARALLEL = ("ddp", "fsdp")
@@ -66,21 +68,36 @@ def setup(c):
         local_accum, local_batch = 1, rows // world  # each process takes its share of one micro-step's rows
     elif accum % world:
         fit = world * -(-accum // world)  # the same rows per iteration, if they divide evenly
-        raise UserError(f"gradient_accumulation_steps={accum} must be divisible by the number of processes ({world}): "
-                        f"--gradient_accumulation_steps={fit}" + (f" --batch_size={rows // fit}" if rows % fit == 0 else ""))
+        raise UserError(
+            f"gradient_accumulation_steps={accum} must be divisible by the number of processes ({world}): "
+            f"--gradient_accumulation_steps={fit}" + (f" --batch_size={rows // fit}" if rows % fit == 0 else "")
+        )
     if fsdp and c["eval_iters"] % world:  # every process must run as many forwards: each one is a collective
-        raise UserError(f"eval_iters={c['eval_iters']} must be divisible by the number of processes ({world}) "
-                        f"under parallel='fsdp'")
+        raise UserError(
+            f"eval_iters={c['eval_iters']} must be divisible by the number of processes ({world}) under parallel='fsdp'"
+        )
     dtype = pick_dtype(c, device_type)
     # FSDP on a GPU computes in the low dtype through its MixedPrecisionPolicy (wrap), not autocast
     low = dtype != "float32" and not (fsdp and device_type == "cuda")
     amp = torch.autocast(device_type=device_type, dtype=DTYPES[dtype]) if low else nullcontext()
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    return SimpleNamespace(dist=launched or fsdp, ddp=launched and not fsdp, fsdp=fsdp, rank=rank,
-                           local_rank=local_rank, world=world, master=rank == 0, device=device,
-                           device_type=device_type, local_accum=local_accum, local_batch=local_batch,
-                           dtype=dtype, ptdtype=DTYPES[dtype], amp=amp,
-                           use_compile=c["compile"] if c["compile"] != "auto" else device_type == "cuda")
+    return SimpleNamespace(
+        dist=launched or fsdp,
+        ddp=launched and not fsdp,
+        fsdp=fsdp,
+        rank=rank,
+        local_rank=local_rank,
+        world=world,
+        master=rank == 0,
+        device=device,
+        device_type=device_type,
+        local_accum=local_accum,
+        local_batch=local_batch,
+        dtype=dtype,
+        ptdtype=DTYPES[dtype],
+        amp=amp,
+        use_compile=c["compile"] if c["compile"] != "auto" else device_type == "cuda",
+    )
 
 
 def watch_launcher(interval=1.0):
@@ -122,8 +139,10 @@ def lock_out_dir(out_dir, run):
             os.write(fd, f"{os.getpid()}\n".encode())
         except OSError:
             pid = lock_holder(fd) or os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            error = (f"{out_dir}: another train.py is running on it (PID {pid}); wait for it, stop it, "
-                     f"or give this run another --out_dir")
+            error = (
+                f"{out_dir}: another train.py is running on it (PID {pid}); wait for it, stop it, "
+                f"or give this run another --out_dir"
+            )
     if run.dist:  # every process learns process 0's verdict before taking its own byte
         box = [error]
         dist.broadcast_object_list(box, src=0)
@@ -158,8 +177,12 @@ def wrap(model, run, c):
     to the output layer stays one parameter), with each block compiled on its own."""
     if run.fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        policy = MixedPrecisionPolicy(param_dtype=run.ptdtype, reduce_dtype=torch.float32) \
-            if run.device_type == "cuda" and run.dtype != "float32" else MixedPrecisionPolicy()
+
+        policy = (
+            MixedPrecisionPolicy(param_dtype=run.ptdtype, reduce_dtype=torch.float32)
+            if run.device_type == "cuda" and run.dtype != "float32"
+            else MixedPrecisionPolicy()
+        )
         for block in model.transformer.h:
             if run.use_compile:
                 block.compile(mode=c["compile_mode"])
@@ -186,14 +209,24 @@ def micro_step(model, run, last, reshard_after_forward):
 def held_bytes(model, optimizer):
     """What this process holds of the weights, gradients and optimizer state, in bytes (a
     sharded tensor counts its local shard only)."""
+
     def local(t):
         t = t.to_local() if hasattr(t, "to_local") else t
         return t.numel() * t.element_size()
+
     params = list(model.parameters())
-    state = [v for opt in each_optimizer(optimizer) for s in opt.state.values() for v in s.values()
-             if torch.is_tensor(v) and v.dim() > 0]
-    return {"params": sum(map(local, params)), "grads": sum(local(p.grad) for p in params if p.grad is not None),
-            "optimizer": sum(map(local, state))}
+    state = [
+        v
+        for opt in each_optimizer(optimizer)
+        for s in opt.state.values()
+        for v in s.values()
+        if torch.is_tensor(v) and v.dim() > 0
+    ]
+    return {
+        "params": sum(map(local, params)),
+        "grads": sum(local(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(map(local, state)),
+    }
 
 
 def all_mean(x, run):
@@ -247,16 +280,17 @@ def measure_peak_flops(device, dtype):
             a @ b
         sync()
         best = min(best, (time.perf_counter() - t0) / reps)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def peak_memory_mib(run):
     """This process's peak: the CUDA allocator's on a GPU, the resident set size elsewhere."""
     if run.device_type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2 ** 20
+        return torch.cuda.max_memory_allocated() / 2**20
     import resource
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
 
 
 def memory_record(held, run, iter_num):
@@ -266,10 +300,15 @@ def memory_record(held, run, iter_num):
     every = [mine] * run.world
     if run.dist:
         dist.all_gather_object(every, mine)
-    mib = [f"{m.get('params', 0) / 2**20:.1f}/{m.get('grads', 0) / 2**20:.1f}/{m.get('optimizer', 0) / 2**20:.1f}"
-           f"/{m['peak_mib']:.0f}" for m in every]
-    return ({"kind": "memory", "iter": iter_num, "processes": every},
-            f"per process, MiB of weights/gradients/optimizer state/peak: {'; '.join(mib)}")
+    mib = [
+        f"{m.get('params', 0) / 2**20:.1f}/{m.get('grads', 0) / 2**20:.1f}/{m.get('optimizer', 0) / 2**20:.1f}"
+        f"/{m['peak_mib']:.0f}"
+        for m in every
+    ]
+    return (
+        {"kind": "memory", "iter": iter_num, "processes": every},
+        f"per process, MiB of weights/gradients/optimizer state/peak: {'; '.join(mib)}",
+    )
 
 
 def finish():
@@ -277,3 +316,65 @@ def finish():
         os.close(HELD_LOCKS.pop())
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_worker():
+    """End a torchrun worker whose run has finished, without the interpreter's finalisation: gloo's
+    threads can still hold Python objects then and abort the process ('terminate called without an
+    active exception', SIGABRT; pytorch PR 179291), which torchrun reports as a failed run. Seen in
+    about 1 of 12 launches of the test suite's 2-process runs on a Zen 4. Everything is written and
+    flushed by then; a process not started by torchrun returns as usual."""
+    if int(os.environ.get("RANK", -1)) == -1:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+# ------------------------------------------------------------------ sharded checkpoints (FSDP)
+def save_sharded(folder, model, optimizer, meta, run):
+    """Every process writes its shards of the model and optimizer into folder.tmp; process
+    0 then writes meta.pt and swaps the folder in. An interrupted save leaves the last
+    whole checkpoint where it was."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    folder = Path(folder)
+    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
+    if run.master and tmp.exists():
+        shutil.rmtree(tmp)
+    dist.barrier()
+    optimizers = each_optimizer(optimizer)
+    # an optimizer without state yet (nothing trained) is not saved: get_state_dict would make
+    # its state with a zero step, which counts as Adam's first and changes the next update
+    trained = any(o.state for o in optimizers)
+    model_state, optimizer_state = get_state_dict(model, optimizers if trained else ())
+    dcp.save({"model": model_state, **({"optimizer": optimizer_state} if trained else {})}, checkpoint_id=tmp)
+    dist.barrier()
+    if run.master:
+        save_checkpoint(tmp / "meta.pt", dict(meta, model={}, optimizer_saved=trained))
+        if folder.exists():
+            shutil.rmtree(old, ignore_errors=True)  # (a save that stopped before deleting it left it here)
+            folder.rename(old)
+        tmp.rename(folder)
+        shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_sharded(folder, model, optimizer, optimizer_saved=True):
+    """Read a sharded checkpoint into a model sharded over any number of processes."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    optimizers = each_optimizer(optimizer) if optimizer_saved else ()
+    model_state, optimizer_state = get_state_dict(model, optimizers)
+    state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer_saved else {})}
+    dcp.load(state, checkpoint_id=folder)
+    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
+
+
+def gathered_weights(model):
+    """A sharded model's whole state dict on process 0 (the others get {}): for best.pt."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

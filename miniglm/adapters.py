@@ -16,7 +16,7 @@ must fit in block_size. With prefix_projection the N x (layers x 2 x width) tabl
 an MLP from N small embeddings (trains more stably; at export the table is what is saved).
 
 A checkpoint of an adapter run holds only the adapter's weights, with the path and sha256 of
-the base checkpoint it was trained on (checkpoint.py loads the base first, then the adapter).
+the base checkpoint it was trained on (miniglm/checkpoint.py loads the base first, then the adapter).
 """
 import hashlib
 import math
@@ -28,6 +28,21 @@ from data_utils import UserError
 
 METHODS = ("full", "lora", "ptuning")
 LORA_TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")  # every linear layer of a block
+# each method's config keys (train.py): valid only when finetune names that method
+ADAPTER_CONFIG = {
+    "full": {},
+    "lora": dict(
+        lora_r=8,  # the rank of the update B @ A
+        lora_alpha=16.0,  # the update is scaled by alpha / r
+        lora_dropout=0.05,  # dropout on the update's input
+        lora_targets="all",  # 'all' or some of LORA_TARGETS (a list, or comma-separated)
+    ),
+    "ptuning": dict(
+        num_virtual_tokens=16,  # P-Tuning v2: the prefix's keys and values per layer
+        prefix_projection=False,  # make the prefix with an MLP (as peft's prefix_projection)
+        encoder_hidden_size=512,  # that MLP's width
+    ),
+}
 
 
 class LoRALinear(nn.Linear):
@@ -99,15 +114,31 @@ def adapter_settings(c):
         targets = c["lora_targets"]
         targets = list(LORA_TARGETS) if targets == "all" else [t.strip() for t in (
             targets.split(",") if isinstance(targets, str) else targets)]
-        if not isinstance(c["lora_r"], int) or c["lora_r"] <= 0 or c["lora_alpha"] <= 0 or not 0 <= c["lora_dropout"] < 1:
-            raise UserError(f"LoRA needs lora_r > 0 (a whole number), lora_alpha > 0 and 0 <= lora_dropout < 1; got "
-                            f"lora_r={c['lora_r']!r}, lora_alpha={c['lora_alpha']!r}, lora_dropout={c['lora_dropout']!r}")
-        return dict(method="lora", r=c["lora_r"], alpha=float(c["lora_alpha"]), dropout=float(c["lora_dropout"]),
-                    targets=targets)
+        if (
+            not isinstance(c["lora_r"], int)
+            or c["lora_r"] <= 0
+            or c["lora_alpha"] <= 0
+            or not 0 <= c["lora_dropout"] < 1
+        ):
+            raise UserError(
+                f"LoRA needs lora_r > 0 (a whole number), lora_alpha > 0 and 0 <= lora_dropout < 1; got "
+                f"lora_r={c['lora_r']!r}, lora_alpha={c['lora_alpha']!r}, lora_dropout={c['lora_dropout']!r}"
+            )
+        return dict(
+            method="lora",
+            r=c["lora_r"],
+            alpha=float(c["lora_alpha"]),
+            dropout=float(c["lora_dropout"]),
+            targets=targets,
+        )
     if not isinstance(c["num_virtual_tokens"], int) or c["num_virtual_tokens"] <= 0:
         raise UserError(f"P-Tuning v2 needs num_virtual_tokens > 0 (a whole number), got {c['num_virtual_tokens']!r}")
-    return dict(method="ptuning", num_virtual_tokens=c["num_virtual_tokens"],
-                prefix_projection=bool(c["prefix_projection"]), encoder_hidden_size=int(c["encoder_hidden_size"]))
+    return dict(
+        method="ptuning",
+        num_virtual_tokens=c["num_virtual_tokens"],
+        prefix_projection=bool(c["prefix_projection"]),
+        encoder_hidden_size=int(c["encoder_hidden_size"]),
+    )
 
 
 def add_adapter(model, settings):
@@ -116,19 +147,22 @@ def add_adapter(model, settings):
     for p in model.parameters():
         p.requires_grad_(False)
     if settings["method"] == "ptuning":
-        model.prefix = Prefix(model.config, settings["num_virtual_tokens"], settings["prefix_projection"],
-                              settings["encoder_hidden_size"]).to(model.lm_head.weight.device)
+        model.prefix = Prefix(
+            model.config, settings["num_virtual_tokens"], settings["prefix_projection"], settings["encoder_hidden_size"]
+        ).to(model.lm_head.weight.device)
         return model
     linear = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".h." in f".{name}"}
     for target in settings["targets"]:
         if not any(name.endswith("." + target) for name in linear):
-            raise UserError(f"lora_targets: {target!r} matches no layer; valid: {', '.join(LORA_TARGETS)} "
-                            f"(or 'all')")
+            raise UserError(f"lora_targets: {target!r} matches no layer; valid: {', '.join(LORA_TARGETS)} (or 'all')")
     for name, layer in linear.items():
         if any(name.endswith("." + t) for t in settings["targets"]):
             parent, attr = name.rsplit(".", 1)
-            setattr(model.get_submodule(parent), attr,
-                    LoRALinear(layer, settings["r"], settings["alpha"], settings["dropout"]))
+            setattr(
+                model.get_submodule(parent),
+                attr,
+                LoRALinear(layer, settings["r"], settings["alpha"], settings["dropout"]),
+            )
     return model
 
 
@@ -143,9 +177,11 @@ def load_adapter_state(model, state, where):
     """Put an adapter checkpoint's weights into a model that add_adapter has prepared."""
     expected = {n for n, p in model.named_parameters() if p.requires_grad}
     if set(state) != expected:
-        raise UserError(f"{where}: its adapter weights ({len(state)}) do not fit the adapter its settings make "
-                        f"({len(expected)}): missing {sorted(expected - set(state))[:3]}, extra "
-                        f"{sorted(set(state) - expected)[:3]}")
+        raise UserError(
+            f"{where}: its adapter weights ({len(state)}) do not fit the adapter its settings make "
+            f"({len(expected)}): missing {sorted(expected - set(state))[:3]}, extra "
+            f"{sorted(set(state) - expected)[:3]}"
+        )
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in state.items():

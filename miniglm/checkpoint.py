@@ -9,31 +9,30 @@ out_dir/best.pt  the weights chosen by what the stage optimises (Trainer.selecti
 out_dir/ckpt.dcp/ under parallel='fsdp', ckpt.pt's place: the sharded model and optimizer
                  written by every process in parallel (torch.distributed.checkpoint), and
                  meta.pt, the rest of ckpt.pt, written last: a folder without it is no
-                 checkpoint. It resumes on any number of processes. best.pt stays one file
-                 (gathered by process 0), so everything that reads a model reads it as before.
+                 checkpoint (written and read by miniglm/distributed.py). It resumes on any number of
+                 processes. best.pt stays one file (gathered by process 0), so everything that
+                 reads a model reads it as before.
 
 Every checkpoint carries the model's vocabulary ("vocab": None for full GPT-2, the GPT-2
 ids of a trimmed vocabulary, or a trained BPE's ranks; "tokenizer_sha256" the hash of the
 ranks) and the characters of its training text ("chars", for the decoding constraint),
 so whatever loads a model turns text into ids its way.
 
-A checkpoint of an adapter run (LoRA, P-Tuning v2: adapters.py) holds only the adapter's
+A checkpoint of an adapter run (LoRA, P-Tuning v2: miniglm/adapters.py) holds only the adapter's
 weights ("adapter": its settings) and "base": the path and sha256 of the checkpoint it was
 trained on. Loading it loads that base first (its weights, vocabulary and characters), checks
 the hash, then adds the adapter: sample.py, evaluations.py, the Gradio page and export_hf.py
 take an adapter out_dir as they take a full one.
 """
-import shutil
+
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from adapters import add_adapter, file_sha256, load_adapter_state
 from data_utils import UserError, atomic_write
+from miniglm.adapters import add_adapter, file_sha256, load_adapter_state
+from miniglm.tokenizer import tokenizer_from_state
 from model import GPT, GPTConfig
-from optimizers import each_optimizer
-from tokenizer import tokenizer_from_state
 
 REQUIRED = ("model", "model_args", "iter_num", "tokenizer_sha256")
 SHARDED = "ckpt.dcp"
@@ -48,7 +47,9 @@ def load_checkpoint(path, map_location="cpu"):
     """A checkpoint dict, or a one-line UserError saying what is wrong with the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: checkpoint not found" + (" (train a model first)" if not path.parent.exists() else ""))
+        raise UserError(
+            f"{path}: checkpoint not found" + (" (train a model first)" if not path.parent.exists() else "")
+        )
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated, corrupt, not a torch file, or holding code objects
@@ -62,11 +63,15 @@ def load_checkpoint(path, map_location="cpu"):
         return ckpt  # its vocabulary is its base's, checked when the base is loaded
     tok = checkpoint_tokenizer(ckpt)
     if ckpt["tokenizer_sha256"] != tok.sha256:
-        raise UserError(f"{path}: trained with a different tokenizer (sha256 {str(ckpt['tokenizer_sha256'])[:12]}…, "
-                        f"its vocabulary hashes to {tok.sha256[:12]}…)")
+        raise UserError(
+            f"{path}: trained with a different tokenizer (sha256 {str(ckpt['tokenizer_sha256'])[:12]}…, "
+            f"its vocabulary hashes to {tok.sha256[:12]}…)"
+        )
     if ckpt["model_args"].get("vocab_size") != tok.vocab_size:
-        raise UserError(f"{path}: its model has {ckpt['model_args'].get('vocab_size')} output slots but its "
-                        f"vocabulary {tok.name} needs {tok.vocab_size}")
+        raise UserError(
+            f"{path}: its model has {ckpt['model_args'].get('vocab_size')} output slots but its "
+            f"vocabulary {tok.name} needs {tok.vocab_size}"
+        )
     return ckpt
 
 
@@ -100,16 +105,20 @@ def load_base(ckpt, path, base=None):
     flag = "pass --base=PATH" if base is None else "point --base at it"
     found = [p for p in places if p.is_file()]
     if not found:
-        raise UserError(f"{path}: its base model {places[0]} is not there (the adapter's 'base' path, from train.py's "
-                        f"init_from): put the base back or {flag}")
+        raise UserError(
+            f"{path}: its base model {places[0]} is not there (the adapter's 'base' path, from train.py's "
+            f"init_from): put the base back or {flag}"
+        )
     digests = {}
     for where in found:  # the same file may stand there twice (relative and resolved): stop at a match
         digests[where] = file_sha256(where)
         if digests[where] == info["sha256"]:
             break
     else:
-        raise UserError(f"{path}: its base {found[0]} is not the checkpoint the adapter was trained on (sha256 "
-                        f"{digests[found[0]][:12]}…, trained on {info['sha256'][:12]}…): {flag}")
+        raise UserError(
+            f"{path}: its base {found[0]} is not the checkpoint the adapter was trained on (sha256 "
+            f"{digests[found[0]][:12]}…, trained on {info['sha256'][:12]}…): {flag}"
+        )
     base_ckpt = load_checkpoint(where)
     if "adapter" in base_ckpt:
         raise UserError(f"{path}: its base {where} is itself an adapter; an adapter goes on a full model")
@@ -167,15 +176,18 @@ def weights_line(file, meta):
     max_iters = config.get("max_iters", "?")
     best = meta.get("best")
     if file.name == "best.pt" and best is None and "best_val_loss" in meta:  # (written before the rule was recorded)
-        best = dict(metric="val_loss", value=meta["best_val_loss"], iter=meta["iter_num"],
-                    rule="the lowest validation loss")
+        best = dict(
+            metric="val_loss", value=meta["best_val_loss"], iter=meta["iter_num"], rule="the lowest validation loss"
+        )
     if file.name == "best.pt" and best is not None:
         line = f"{file}: {best_line(best, max_iters)}"
     else:
         line = f"{file}: iteration {meta.get('iter_num', '?')} of {max_iters} (the latest checkpoint)"
     if meta.get("iter_num") == 0 and meta.get("started_from"):
-        line += (f"; iteration 0 of this {meta.get('kind', '')} run: the weights it started from "
-                 f"({meta['started_from']}), not trained by it")
+        line += (
+            f"; iteration 0 of this {meta.get('kind', '')} run: the weights it started from "
+            f"({meta['started_from']}), not trained by it"
+        )
     return line
 
 
@@ -189,55 +201,15 @@ def resume_checkpoint(out_dir, parallel):
     folder = next((f for f in (out_dir / SHARDED, out_dir / f"{SHARDED}.old") if (f / "meta.pt").is_file()), None)
     if parallel == "fsdp":
         if folder is None:
-            raise UserError(f"{single}: a single-file checkpoint (parallel='ddp'): resume it with parallel='ddp'"
-                            if single.is_file() else f"{out_dir / SHARDED}: no complete sharded checkpoint to resume")
+            raise UserError(
+                f"{single}: a single-file checkpoint (parallel='ddp'): resume it with parallel='ddp'"
+                if single.is_file()
+                else f"{out_dir / SHARDED}: no complete sharded checkpoint to resume"
+            )
         return load_checkpoint(folder / "meta.pt"), folder
     if folder is not None and not single.is_file():
-        raise UserError(f"{folder}: a sharded checkpoint (parallel='fsdp'): resume it with --parallel=fsdp, on any "
-                        f"number of processes")
+        raise UserError(
+            f"{folder}: a sharded checkpoint (parallel='fsdp'): resume it with --parallel=fsdp, on any "
+            f"number of processes"
+        )
     return load_checkpoint(single), single
-
-
-def save_sharded(folder, model, optimizer, meta, run):
-    """Every process writes its shards of the model and optimizer into folder.tmp; process
-    0 then writes meta.pt and swaps the folder in. An interrupted save leaves the last
-    whole checkpoint where it was."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-    folder = Path(folder)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    if run.master and tmp.exists():
-        shutil.rmtree(tmp)
-    dist.barrier()
-    optimizers = each_optimizer(optimizer)
-    # an optimizer without state yet (nothing trained) is not saved: get_state_dict would make
-    # its state with a zero step, which counts as Adam's first and changes the next update
-    trained = any(o.state for o in optimizers)
-    model_state, optimizer_state = get_state_dict(model, optimizers if trained else ())
-    dcp.save({"model": model_state, **({"optimizer": optimizer_state} if trained else {})}, checkpoint_id=tmp)
-    dist.barrier()
-    if run.master:
-        save_checkpoint(tmp / "meta.pt", dict(meta, model={}, optimizer_saved=trained))
-        if folder.exists():
-            shutil.rmtree(old, ignore_errors=True)  # (a save that stopped before deleting it left it here)
-            folder.rename(old)
-        tmp.rename(folder)
-        shutil.rmtree(old, ignore_errors=True)
-    dist.barrier()
-
-
-def load_sharded(folder, model, optimizer, optimizer_saved=True):
-    """Read a sharded checkpoint into a model sharded over any number of processes."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-    optimizers = each_optimizer(optimizer) if optimizer_saved else ()
-    model_state, optimizer_state = get_state_dict(model, optimizers)
-    state = {"model": model_state, **({"optimizer": optimizer_state} if optimizer_saved else {})}
-    dcp.load(state, checkpoint_id=folder)
-    set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state.get("optimizer", {}))
-
-
-def gathered_weights(model):
-    """A sharded model's whole state dict on process 0 (the others get {}): for best.pt."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

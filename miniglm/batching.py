@@ -17,7 +17,7 @@ from dataclasses import replace
 
 import torch
 
-from generation import DEFAULT_DECODING, choose_next, left_padded, text_decoder, text_tail
+from miniglm.generation import DEFAULT_DECODING, choose_next, left_padded, text_decoder, text_tail
 from model import KVCache
 
 

@@ -4,7 +4,7 @@ character, or glue byte pieces into one it never saw; both print as � or garba
 The state of a row is the bytes of the character being written (b"" between characters).
 For each state, a boolean mask over the vocabulary says which tokens keep the output valid
 UTF-8 whose characters are all allowed; each state's mask is computed the first time it is
-reached and then cached for the vocabulary. Works for any tokenizer of tokenizer.py (its
+reached and then cached for the vocabulary. Works for any tokenizer of miniglm/tokenizer.py (its
 token_bytes and stop_ids), whether a token is a byte, part of a character or several.
 """
 import codecs

@@ -16,7 +16,7 @@ A message's "loss": true/false overrides its role's default; the role prefixes a
 separators are never trained. So a single 问/答 turn is exactly 问:{q}\n答:{a}<|endoftext|>,
 with loss only on {a}<|endoftext|>.
 
-`tok` is any tokenizer of tokenizer.py: encode(), eot, im_start, im_end.
+`tok` is any tokenizer of miniglm/tokenizer.py: encode(), eot, im_start, im_end.
 """
 import json
 

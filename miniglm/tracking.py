@@ -1,5 +1,5 @@
 """
-The run's log, written by process 0: out_dir/log.jsonl always (visualize.py, report.py and
+The run's log, written by process 0: out_dir/log.jsonl always (visualize.py, miniglm/report.py and
 the tests read it) and, beside it when log_to says so, a live tracker with the same records
 and the config:
   log_to='tensorboard'  event files in out_dir/tensorboard (tensorboard --logdir out)

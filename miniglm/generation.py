@@ -9,9 +9,9 @@ import codecs
 import numpy as np
 import torch
 
-from chat_template import render_prompt
-from constraint import make_constraint
 from data_utils import UserError
+from miniglm.chat_template import render_prompt
+from miniglm.constraint import make_constraint
 from model import KVCache
 
 # What a user gets by default from sample.py --chat, the Gradio page, evaluations.py and
@@ -27,14 +27,25 @@ WRITING = dict(DEFAULT_DECODING, temperature=0.8, top_k=50, top_p=0.95)
 def add_decoding_flags(parser):
     """The sampling flags of sample.py and evaluations.py; unset ones take the defaults
     (decoding_from_flags)."""
-    parser.add_argument("--temperature", type=float, help="0 = greedy (default: greedy for answers, 0.8 for --start text)")
+    parser.add_argument(
+        "--temperature", type=float, help="0 = greedy (default: greedy for answers, 0.8 for --start text)"
+    )
     parser.add_argument("--top_k", type=int, help="sample among the k likeliest tokens (0 = off)")
-    parser.add_argument("--top_p", type=float, help="sample from the smallest set holding this much probability (1 = off)")
-    parser.add_argument("--repetition_penalty", type=float, help=f"as in HF transformers: a token already in the "
-                        f"answer has its logit divided by this (multiplied if negative); 1 = off (default "
-                        f"{DEFAULT_DECODING['repetition_penalty']})")
-    parser.add_argument("--no_repeat_ngram", type=int, help=f"never repeat an n-gram of tokens of the answer; 0 = off "
-                        f"(default {DEFAULT_DECODING['no_repeat_ngram']})")
+    parser.add_argument(
+        "--top_p", type=float, help="sample from the smallest set holding this much probability (1 = off)"
+    )
+    parser.add_argument(
+        "--repetition_penalty",
+        type=float,
+        help=f"as in HF transformers: a token already in the "
+        f"answer has its logit divided by this (multiplied if negative); 1 = off (default "
+        f"{DEFAULT_DECODING['repetition_penalty']})",
+    )
+    parser.add_argument(
+        "--no_repeat_ngram",
+        type=int,
+        help=f"never repeat an n-gram of tokens of the answer; 0 = off (default {DEFAULT_DECODING['no_repeat_ngram']})",
+    )
 
 
 def decoding_from_flags(args, base=DEFAULT_DECODING):
@@ -85,21 +96,34 @@ def penalize(logits, written, penalty=1.0, no_repeat_ngram=0):
         n, banned = no_repeat_ngram, torch.zeros_like(logits, dtype=torch.bool)
         for row, ids in enumerate(written):
             if len(ids) >= n:
-                prefix = ids[len(ids) - n + 1:]
-                banned[row, [ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i:i + n - 1] == prefix]] = True
+                prefix = ids[len(ids) - n + 1 :]
+                banned[row, [ids[i + n - 1] for i in range(len(ids) - n + 1) if ids[i : i + n - 1] == prefix]] = True
         logits = logits.masked_fill(banned, float("-inf"))
     return logits
 
 
-def choose_next(logits, written, rows, states, temperature=0.0, top_k=None, top_p=None,
-                repetition_penalty=1.0, no_repeat_ngram=0, generator=None):
+def choose_next(
+    logits,
+    written,
+    rows,
+    states,
+    temperature=0.0,
+    top_k=None,
+    top_p=None,
+    repetition_penalty=1.0,
+    no_repeat_ngram=0,
+    generator=None,
+):
     """Each row's next token id (B,) from its logits (B, V): the penalties over what it wrote
     (penalize), its decoding constraint (rows: a TextConstraint or None per row, each in its
-    state), then sampling. The step that generate_stream and batching.py both take."""
+    state), then sampling. The step that generate_stream and miniglm/batching.py both take."""
     scores = penalize(logits, written, repetition_penalty, no_repeat_ngram)
     if any(c is not None for c in rows):
-        allowed = torch.from_numpy(np.stack([c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool)
-                                             for c, s in zip(rows, states)])).to(logits.device)
+        allowed = torch.from_numpy(
+            np.stack(
+                [c.mask(s) if c is not None else np.ones(logits.size(-1), dtype=bool) for c, s in zip(rows, states)]
+            )
+        ).to(logits.device)
         scores = scores.masked_fill(~allowed, float("-inf"))
         # a half-written character may have one way to end, which the n-gram rule can ban
         # (a repeated character is a repeated n-gram of its byte tokens): the constraint wins
@@ -111,9 +135,23 @@ def choose_next(logits, written, rows, states, temperature=0.0, top_k=None, top_
 
 
 @torch.no_grad()
-def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
-                    use_cache=True, generator=None, constraint=None, pad=None, states=None,
-                    repetition_penalty=1.0, no_repeat_ngram=0, written=None):
+def generate_stream(
+    model,
+    idx,
+    max_new_tokens,
+    temperature=1.0,
+    top_k=None,
+    top_p=None,
+    stop_token=None,
+    use_cache=True,
+    generator=None,
+    constraint=None,
+    pad=None,
+    states=None,
+    repetition_penalty=1.0,
+    no_repeat_ngram=0,
+    written=None,
+):
     """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
     Stops early once every row has produced stop_token (an id, or several: any of them
     ends a row; a finished row then repeats the first). The KV cache path gives the
@@ -146,8 +184,11 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
     for _ in range(max_new_tokens):
         if use_cache and idx.size(1) <= block:
             if cache is None or cache.length != idx.size(1) - 1:  # (re)fill from the prompt
-                cache = (model.static_cache(B) if static
-                         else KVCache(model.config, idx.size(0), idx.device, model.lm_head.weight.dtype))
+                cache = (
+                    model.static_cache(B)
+                    if static
+                    else KVCache(model.config, idx.size(0), idx.device, model.lm_head.weight.dtype)
+                )
                 logits, _ = model(idx, kv_cache=cache, last_logits_only=True, pad=pad)
                 slot = torch.tensor([cache.length], device=idx.device) if static else None
             elif static:
@@ -161,8 +202,18 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
                 logits, _ = model(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
         else:
             logits, _ = model(idx[:, -block:], last_logits_only=True, pad=pad)
-        next_id = choose_next(logits[:, -1, :], written, rows, states, temperature, top_k, top_p,
-                              repetition_penalty, no_repeat_ngram, generator)
+        next_id = choose_next(
+            logits[:, -1, :],
+            written,
+            rows,
+            states,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            no_repeat_ngram,
+            generator,
+        )
         if constraint is not None:
             states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
         if stop_token is not None:
@@ -172,7 +223,9 @@ def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top
             w.append(t)
         idx = torch.cat((idx, next_id[:, None]), dim=1)
         if active.numel() < B:  # every row is reported; finished ones repeat stop_token
-            yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(0, active, next_id)
+            yield torch.full((B,), stop_token, dtype=next_id.dtype, device=next_id.device).index_copy(
+                0, active, next_id
+            )
         else:
             yield next_id
         if stop_token is not None and bool(done.all()):
@@ -218,8 +271,15 @@ def stream_text(model, tok, ids, max_new_tokens=256, seed=None, stop_at_eot=Fals
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     decoder = text_decoder(constraint)
     idx = torch.tensor([ids], dtype=torch.long, device=device)
-    for token in generate_stream(model, idx, max_new_tokens, stop_token=tok.stop_ids if stop_at_eot else None,
-                                 generator=generator, constraint=constraint, **sampling):
+    for token in generate_stream(
+        model,
+        idx,
+        max_new_tokens,
+        stop_token=tok.stop_ids if stop_at_eot else None,
+        generator=generator,
+        constraint=constraint,
+        **sampling,
+    ):
         t = int(token[0])
         if t in tok.stop_ids and stop_at_eot:
             break
@@ -253,8 +313,10 @@ def chat_prompt(tok, history, question, block_size, max_new_tokens, template="qa
         if len(ids) <= budget:
             return ids, history
         if not history:
-            raise ValueError(f"the question is {len(ids)} tokens; with {max_new_tokens} new tokens it does not fit "
-                             f"the model's {block_size}-token context — shorten it or lower max_new_tokens")
+            raise ValueError(
+                f"the question is {len(ids)} tokens; with {max_new_tokens} new tokens it does not fit "
+                f"the model's {block_size}-token context — shorten it or lower max_new_tokens"
+            )
         history = history[2:] if len(history) >= 2 else []
 
 
@@ -267,8 +329,9 @@ def answer(model, tok, history, question, constraint=None, template="qa", **kwar
     yield from stream_text(model, tok, ids, stop_at_eot=True, constraint=constraint, **kwargs)
 
 
-def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, seed=None, batch_size=16, template="qa",
-                 **sampling):
+def answer_batch(
+    model, tok, questions, constraint=None, max_new_tokens=96, seed=None, batch_size=16, template="qa", **sampling
+):
     """Answers to many single-turn questions, batch_size rows at a time: the prompts are
     left-padded and each row stops on its own. A finished row makes room: once half the
     rows have finished and questions are waiting, the batch is rebuilt from the unfinished
@@ -288,13 +351,23 @@ def answer_batch(model, tok, questions, constraint=None, max_new_tokens=96, seed
         take = batch_size - len(active)
         active, waiting = active + waiting[:take], waiting[take:]
         idx, pad = left_padded([prompts[i] + written[i] for i in active], tok.eot, device)
-        budget = min(max_new_tokens - len(written[i]) for i in active)  # the round ends when the first row is out of tokens
+        budget = min(
+            max_new_tokens - len(written[i]) for i in active
+        )  # the round ends when the first row is out of tokens
         states = [partial_character(tok, written[i]) for i in active]
         finished = 0
-        for step in generate_stream(model, idx, budget, stop_token=tok.stop_ids, generator=generator, pad=pad,
-                                    states=states, written=[written[i] for i in active],
-                                    constraint=[rows[i] for i in active] if constraint is not None else None,
-                                    **sampling):
+        for step in generate_stream(
+            model,
+            idx,
+            budget,
+            stop_token=tok.stop_ids,
+            generator=generator,
+            pad=pad,
+            states=states,
+            written=[written[i] for i in active],
+            constraint=[rows[i] for i in active] if constraint is not None else None,
+            **sampling,
+        ):
             for i, t in zip(active, step.tolist()):
                 if done[i]:
                     continue
@@ -318,8 +391,10 @@ def left_padded(contexts, pad_id, device):
     """A batch of token lists of different lengths, left-padded with pad_id: (ids (B, T),
     pad (B,): each row's padding), as GPT.forward(pad=...) takes them."""
     width = max(map(len, contexts))
-    return (torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device),
-            torch.tensor([width - len(c) for c in contexts], device=device))
+    return (
+        torch.tensor([[pad_id] * (width - len(c)) + c for c in contexts], device=device),
+        torch.tensor([width - len(c) for c in contexts], device=device),
+    )
 
 
 def partial_character(tok, ids):

@@ -1,5 +1,5 @@
 """
-Rewards that can be checked, for GRPO (train.py stage='grpo', grpo.py). A reward is a Python
+Rewards that can be checked, for GRPO (train.py stage='grpo', miniglm/align/grpo.py). A reward is a Python
 function (prompt, answer, record) -> float: the question, the model's sampled answer (text, the
 end token not included) and the SFT record it came from, with "reference" (the reference answer)
 added. Name yours in the config as grpo_reward = "my_module:my_reward".
@@ -9,19 +9,31 @@ The default, qa_reward, for the 问/答 set of data/prepare_sft.py:
   下一句 questions  1 for the exact next line (…的下一句是“B”), else 0
   every question   + 0.5 x char F1 against the reference: partial credit, so that a group of
                    samples is rarely all equal (a group of equal rewards carries no signal)
-grpo.py adds the format term itself (grpo_format_reward if the answer ended with the end token,
+miniglm/align/grpo.py adds the format term itself (grpo_format_reward if the answer ended with the end token,
 in the template's form, before the length cap).
 """
 import importlib
+import importlib.util
 import math
 
 from data_utils import UserError
-from evaluations import char_f1, key_fact
+from miniglm.metrics import char_f1, key_fact
 
 
 def qa_reward(prompt, answer, record):
     fact = key_fact(prompt, record["reference"], answer)
     return float(bool(fact)) + 0.5 * char_f1(answer, record["reference"])
+
+
+def import_module(module):
+    """A module by its name; the project's own reward modules also by their short name
+    ('rewards:qa_reward', as configs wrote it before the library moved into miniglm/align/)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if "." in module or importlib.util.find_spec(f"miniglm.align.{module}") is None:
+            raise
+        return importlib.import_module(f"miniglm.align.{module}")
 
 
 def load_reward(spec):
@@ -30,7 +42,7 @@ def load_reward(spec):
     if not sep or not module or not name:
         raise UserError(f"grpo_reward must be 'module:function', got {spec!r}")
     try:
-        fn = getattr(importlib.import_module(module), name)
+        fn = getattr(import_module(module), name)
     except ImportError as e:
         raise UserError(f"grpo_reward {spec!r}: cannot import {module!r} ({e})") from None
     except AttributeError:

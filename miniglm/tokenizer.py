@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import tiktoken
 
-from chat_template import TEMPLATE_PIECES
 from data_utils import UserError, require_file
+from miniglm.chat_template import TEMPLATE_PIECES
 
-VOCAB_FILE = Path(__file__).resolve().parent / "assets" / "gpt2.tiktoken"
+VOCAB_FILE = Path(__file__).resolve().parent.parent / "assets" / "gpt2.tiktoken"  # (assets/ beside miniglm/)
 # the sha256 tiktoken itself expects for r50k_base, i.e. tiktoken.get_encoding("gpt2")
 VOCAB_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
 # tiktoken_ext/openai_public.py: r50k_pat_str (the GPT-2 pre-tokenizer regex)

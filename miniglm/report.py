@@ -68,20 +68,32 @@ def training_summary(path):
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
     last = (train or evals or [{}])[-1]
-    return {"iterations": last.get("iter"), "tokens": last.get("tokens"), "seconds": max((r["time"] for r in train + evals), default=None),
-            "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])) if train else None,
-            "first_val_loss": evals[0]["val_loss"] if evals else None, "last_val_loss": evals[-1]["val_loss"] if evals else None}
+    return {
+        "iterations": last.get("iter"),
+        "tokens": last.get("tokens"),
+        "seconds": max((r["time"] for r in train + evals), default=None),
+        "tokens_per_s": float(np.median([r["tokens_per_s"] for r in train])) if train else None,
+        "first_val_loss": evals[0]["val_loss"] if evals else None,
+        "last_val_loss": evals[-1]["val_loss"] if evals else None,
+    }
 
 
 def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12):
     """report.md: what a student hands in. The config, size, data and cost of each run, the
     loss plots, the evaluation table and sampled answers."""
     names = list(runs)
-    lines = [f"# MiniGLM run report: {names[0]}", "",
-             f"Written by `evaluations.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
-             f"{len(questions)} held-out questions; answers decoded with {decoding_label(decoding)} (the default) "
-             f"and greedy; constraint `{constrain}`.", "",
-             "## Runs", "", "| | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines = [
+        f"# MiniGLM run report: {names[0]}",
+        "",
+        f"Written by `evaluations.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"{len(questions)} held-out questions; answers decoded with {decoding_label(decoding)} (the default) "
+        f"and greedy; constraint `{constrain}`.",
+        "",
+        "## Runs",
+        "",
+        "| | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     summaries = {n: training_summary(n) for n in names}
 
     def row(label, values):
@@ -91,22 +103,40 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
     row("weights evaluated", [runs[n][0].get("weights", "-") for n in names])
     row("fine-tuning", [method_label(runs[n][0]) for n in names])
     row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
-    row("layers × width, heads, context", [
-        f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in (runs[n][0]["model_args"] for n in names)])
+    row(
+        "layers × width, heads, context",
+        [
+            f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}"
+            for a in (runs[n][0]["model_args"] for n in names)
+        ],
+    )
     row("vocabulary", [f"{runs[n][0]['vocab']} ({runs[n][0]['vocab_size']:,} slots)" for n in names])
     row("data", [f"`{runs[n][0]['config'].get('data_dir', '?')}`" for n in names])
     row("iterations", [fmt(summaries[n].get("iterations")) for n in names])
     row("tokens trained", [f"{summaries[n]['tokens']:,}" if summaries[n].get("tokens") else "-" for n in names])
-    row("training wall time", [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names])
-    row("median tokens/s", [f"{summaries[n]['tokens_per_s']:,.0f}" if summaries[n].get("tokens_per_s") else "-" for n in names])
-    row("val loss, first → last eval", [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}"
-                                        for n in names])
+    row(
+        "training wall time",
+        [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names],
+    )
+    row(
+        "median tokens/s",
+        [f"{summaries[n]['tokens_per_s']:,.0f}" if summaries[n].get("tokens_per_s") else "-" for n in names],
+    )
+    row(
+        "val loss, first → last eval",
+        [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}" for n in names],
+    )
     lines += ["", f"## Configuration of `{names[0]}`", "", "```python"]
     lines += [f"{k} = {v!r}" for k, v in sorted(runs[names[0]][0]["config"].items())]
     lines += ["```", ""]
     if plots:
         lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += ["## Evaluation", "", "| metric | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 1) + "|"]
+    lines += [
+        "## Evaluation",
+        "",
+        "| metric | " + " | ".join(f"`{n}`" for n in names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
     for m in METRICS[3:]:
         if any(runs[n][0].get(m) is not None for n in names):
             row(m, [fmt(runs[n][0].get(m)) for n in names])
@@ -115,14 +145,31 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
             row(f"greedy: {m}", [fmt(runs[n][0].get("greedy", {}).get(m)) for n in names])
     types = sorted({t for n in names for t in runs[n][0].get("by_type", {})})
     if types:
-        lines += ["", "By question type (exact match / char F1 / key-fact rate: the right author, the right next line):", "",
-                  "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |", "|---" * (len(names) + 2) + "|"]
+        lines += [
+            "",
+            "By question type (exact match / char F1 / key-fact rate: the right author, the right next line):",
+            "",
+            "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |",
+            "|---" * (len(names) + 2) + "|",
+        ]
         for t in types:
             bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
-            lines.append(f"| {t} | {bt[0].get('questions', 0)} | "
-                         + " | ".join(f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}"
-                                      + (f" / {b['key_fact_rate']:.2f}" if "key_fact_rate" in b else "") for b in bt) + " |")
-    lines += ["", "## Sampled answers", "", f"({decoding_label(decoding)}; a line break in a poem is shown as ` / `)", ""]
+            lines.append(
+                f"| {t} | {bt[0].get('questions', 0)} | "
+                + " | ".join(
+                    f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}"
+                    + (f" / {b['key_fact_rate']:.2f}" if "key_fact_rate" in b else "")
+                    for b in bt
+                )
+                + " |"
+            )
+    lines += [
+        "",
+        "## Sampled answers",
+        "",
+        f"({decoding_label(decoding)}; a line break in a poem is shown as ` / `)",
+        "",
+    ]
 
     def one_line(text):
         return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
@@ -133,5 +180,3 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
         lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in names]
         lines.append("")
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
-
-

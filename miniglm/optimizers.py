@@ -139,7 +139,8 @@ class Optimizers:
 
 def muon_matrices(model):
     """The parameters Muon steps: the transformer blocks' trainable matrices."""
-    return [p for n, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and n.startswith("transformer.h.")]
+    return [p for name, p in model.named_parameters()
+            if p.requires_grad and p.dim() == 2 and name.startswith("transformer.h.")]
 
 
 def configure_optimizers(model, weight_decay, learning_rate, betas, device_type, muon_lr=0.0, ns_dtype=torch.bfloat16):
@@ -161,6 +162,11 @@ def configure_optimizers(model, weight_decay, learning_rate, betas, device_type,
     if not hidden:
         return adamw
     # Muon decays its matrices too (decoupled: lr x weight_decay per step), which helped the demo
-    muon = Muon([{"params": hidden, "lr_scale": muon_lr / learning_rate}], ns_dtype=ns_dtype, lr=muon_lr,
-                weight_decay=weight_decay, adjust_lr_fn="original")
+    muon = Muon(
+        [{"params": hidden, "lr_scale": muon_lr / learning_rate}],
+        ns_dtype=ns_dtype,
+        lr=muon_lr,
+        weight_decay=weight_decay,
+        adjust_lr_fn="original",
+    )
     return Optimizers([muon, adamw])

@@ -1,0 +1,1 @@
+"""The model out of the repo: a Hugging Face folder (hf.py), one GGUF file (gguf.py)."""
