@@ -286,7 +286,8 @@ def vocabulary(source):
     return checkpoint_tokenizer(load_checkpoint(find_checkpoint(path)))
 
 
-def main():
+def parse_args():
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", nargs="+", help="SFT files (.jsonl, .json, .txt); default: the built-in set")
     parser.add_argument("--format", default="auto", choices=FORMATS)
@@ -332,8 +333,13 @@ def main():
     args = parser.parse_args()
     if not 2 <= args.block_size <= 65536:
         raise UserError(f"--block_size must be between 2 and 65536, got {args.block_size}")
+    return args
 
-    bad, ignored = [], {}
+
+def read_groups(args, ignored):
+    """(groups of conversations that go to the same split, malformed records) from --input, or the
+    default set from --poems."""
+    bad = []
     if args.input:
         groups = []
         for path in args.input:
@@ -344,44 +350,71 @@ def main():
             print(f"skipped {len(bad)} malformed record(s); first: {bad[0]}")
         for key, (n, first) in sorted(ignored.items()):
             print(f"ignored message key {key!r} in {n:,} message(s), first at {first}")
-    else:
+        return groups, bad
+    if not args.poems:
         fortunes = DATA_DIR / "fortunes-zh" / "docs.jsonl"
-        args.poems = args.poems or [
-            str(
-                fortunes
-                if fortunes.exists() or not (DATA_DIR / "embedded").exists()
-                else DATA_DIR / "embedded" / "docs.jsonl"
-            )
-        ]
-        groups = default_groups(args.poems, args.seed, args.max_poems, args.all_next_lines)
+        if fortunes.exists() or not (DATA_DIR / "embedded").exists():
+            args.poems = [str(fortunes)]
+        else:
+            args.poems = [str(DATA_DIR / "embedded" / "docs.jsonl")]
+    return default_groups(args.poems, args.seed, args.max_poems, args.all_next_lines), bad
 
-    # tokenize first, so that records with nothing left to train on never reach either split
-    tok = vocabulary(args.vocab)
-    stats = dict.fromkeys(CUTS, 0)
-    groups = [
-        g
-        for g in (
-            [
-                s
-                for s in (
-                    tokenize(tok, c, args.block_size, stats, args.template, args.max_answer_tokens) for c in convs
-                )
-                if s
-            ]
-            for convs in groups
-        )
-        if g
-    ]
+
+def tokenized_groups(tok, groups, args, stats):
+    """Each group's samples, tokenized; a record with nothing left to train on is dropped, and so
+    is a group left empty (so that neither split gets one)."""
+    kept = []
+    for convs in groups:
+        samples = [tokenize(tok, c, args.block_size, stats, args.template, args.max_answer_tokens) for c in convs]
+        samples = [sample for sample in samples if sample]
+        if samples:
+            kept.append(samples)
+    return kept
+
+
+def split_groups(groups, args):
+    """{'val': samples, 'train': samples}: whole groups, a seeded val_fraction of them held out
+    (without their train-only samples: the 下一句 drill)."""
     if len(groups) < 2:
         raise UserError(f"need at least 2 usable records to split train/val, found {len(groups)}")
     order = list(range(len(groups)))
     random.Random(args.seed).shuffle(order)
     n_val = min(max(1, round(len(groups) * args.val_fraction)), len(groups) - 1)
-    splits = {
+    return {
         "val": [s for g in order[:n_val] for s in groups[g] if not s[2].get("train_only")],
         "train": [s for g in order[n_val:] for s in groups[g]],
     }
 
+
+def write_split(out_dir, split, samples, tok, args, meta):
+    """sft_{split}.bin, _mask.bin (and _seg.bin when packed) and .jsonl; its counts into meta."""
+    ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack, tok.eot)
+    atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
+    atomic_write(out_dir / f"sft_{split}_mask.bin", lambda f: f.write(mask.tobytes()))
+    if seg is not None:
+        atomic_write(out_dir / f"sft_{split}_seg.bin", lambda f: f.write(seg.tobytes()))
+    else:
+        (out_dir / f"sft_{split}_seg.bin").unlink(missing_ok=True)
+    records = [json.dumps(c, ensure_ascii=False) + "\n" for _, _, c in samples]
+    atomic_write(out_dir / f"sft_{split}.jsonl", lambda f: f.writelines(records), mode="w")
+    meta[f"{split}_samples"], meta[f"{split}_rows"] = len(samples), len(ids)
+    meta[f"{split}_mask_share"] = float(mask.mean())
+    meta[f"{split}_trained_tokens"] = int(mask.sum())
+    print(f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
+          f"{mask.mean() * 100:.1f}% of tokens trained")
+    if split == "train" and args.show:
+        show_samples(tok, ids, mask, args.show)
+
+
+def main():
+    args = parse_args()
+    ignored = {}
+    groups, bad = read_groups(args, ignored)
+    # tokenize first, so that records with nothing left to train on never reach either split
+    tok = vocabulary(args.vocab)
+    stats = dict.fromkeys(CUTS, 0)
+    groups = tokenized_groups(tok, groups, args, stats)
+    splits = split_groups(groups, args)
     out_dir = Path(args.out_dir)
     text = "".join(m["content"] for g in groups for _, _, c in g for m in c["messages"])
     meta = {
@@ -399,27 +432,7 @@ def main():
         "chars": "".join(sorted(set(text))),
     }
     for split, samples in splits.items():
-        ids, mask, seg = to_rows([(i, m) for i, m, _ in samples], args.block_size, args.pack, tok.eot)
-        atomic_write(out_dir / f"sft_{split}.bin", lambda f: f.write(ids.tobytes()))
-        atomic_write(out_dir / f"sft_{split}_mask.bin", lambda f: f.write(mask.tobytes()))
-        if seg is not None:
-            atomic_write(out_dir / f"sft_{split}_seg.bin", lambda f: f.write(seg.tobytes()))
-        else:
-            (out_dir / f"sft_{split}_seg.bin").unlink(missing_ok=True)
-        atomic_write(
-            out_dir / f"sft_{split}.jsonl",
-            lambda f: f.writelines(json.dumps(c, ensure_ascii=False) + "\n" for _, _, c in samples),
-            mode="w",
-        )
-        meta[f"{split}_samples"], meta[f"{split}_rows"] = len(samples), len(ids)
-        meta[f"{split}_mask_share"] = float(mask.mean())
-        meta[f"{split}_trained_tokens"] = int(mask.sum())
-        print(
-            f"{split}: {len(samples):,} samples in {len(ids):,} rows of {args.block_size} tokens, "
-            f"{mask.mean() * 100:.1f}% of tokens trained"
-        )
-        if split == "train" and args.show:
-            show_samples(tok, ids, mask, args.show)
+        write_split(out_dir, split, samples, tok, args, meta)
     meta.update(stats)
     write_json(out_dir / "meta.json", meta)
     print(

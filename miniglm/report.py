@@ -78,6 +78,88 @@ def training_summary(path):
     }
 
 
+def table_row(label, values):
+    return f"| {label} | " + " | ".join(values) + " |"
+
+
+def table_head(first, names, extra=()):
+    """A markdown table's head: the first column's title (none for the Runs table), then one column a run."""
+    cells = [*extra, *(f"`{n}`" for n in names)]
+    head = (f"| {first} | " if first else "| | ") + " | ".join(cells) + " |"
+    return [head, "|---" * (len(cells) + 1) + "|"]
+
+
+def runs_section(runs):
+    """## Runs: what each run is (stage, the weights evaluated, method, size, data) and what it cost."""
+    names = list(runs)
+    results = [runs[n][0] for n in names]
+    summaries = [training_summary(n) for n in names]
+    shapes = [r["model_args"] for r in results]
+    lines = ["## Runs", "", *table_head("", names)]
+    lines.append(table_row("stage", [stage_label(r) for r in results]))
+    lines.append(table_row("weights evaluated", [r.get("weights", "-") for r in results]))
+    lines.append(table_row("fine-tuning", [method_label(r) for r in results]))
+    lines.append(table_row("parameters", [f"{r['params_M']}M" for r in results]))
+    lines.append(table_row("layers × width, heads, context",
+                           [f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}" for a in shapes]))
+    lines.append(table_row("vocabulary", [f"{r['vocab']} ({r['vocab_size']:,} slots)" for r in results]))
+    lines.append(table_row("data", [f"`{r['config'].get('data_dir', '?')}`" for r in results]))
+    lines.append(table_row("iterations", [fmt(s.get("iterations")) for s in summaries]))
+    lines.append(table_row("tokens trained", [f"{s['tokens']:,}" if s.get("tokens") else "-" for s in summaries]))
+    lines.append(table_row("training wall time",
+                           [f"{s['seconds']:.0f} s" if s.get("seconds") else "-" for s in summaries]))
+    lines.append(table_row("median tokens/s",
+                           [f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-" for s in summaries]))
+    lines.append(table_row("val loss, first → last eval",
+                           [f"{fmt(s.get('first_val_loss'))} → {fmt(s.get('last_val_loss'))}" for s in summaries]))
+    return lines + [""]
+
+
+def evaluation_section(runs):
+    """## Evaluation: each metric measured for some run, its greedy twin, and the scores by question type."""
+    names = list(runs)
+    results = [runs[n][0] for n in names]
+    lines = ["## Evaluation", "", *table_head("metric", names)]
+    for m in METRICS[3:]:
+        if any(r.get(m) is not None for r in results):
+            lines.append(table_row(m, [fmt(r.get(m)) for r in results]))
+    for m in GREEDY_METRICS:
+        if any(r.get("greedy", {}).get(m) is not None for r in results):
+            lines.append(table_row(f"greedy: {m}", [fmt(r.get("greedy", {}).get(m)) for r in results]))
+    types = sorted({t for r in results for t in r.get("by_type", {})})
+    if not types:
+        return lines
+    lines += ["", "By question type (exact match / char F1 / key-fact rate: the right author, the right next line):",
+              "", *table_head("type", names, extra=["questions"])]
+    for t in types:
+        by_type = [r["by_type"].get(t, {}) for r in results]
+        cells = []
+        for b in by_type:
+            cell = f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}"
+            if "key_fact_rate" in b:
+                cell += f" / {b['key_fact_rate']:.2f}"
+            cells.append(cell)
+        lines.append(table_row(t, [str(by_type[0].get("questions", 0)), *cells]))
+    return lines
+
+
+def one_line(text):
+    """A poem's line breaks shown as ' / ', so that an answer fits a line of the report."""
+    return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
+
+
+def answers_section(runs, questions, decoding, n_answers):
+    """## Sampled answers: the first questions, their references and each run's answer."""
+    lines = ["## Sampled answers", "", f"({decoding_label(decoding)}; a line break in a poem is shown as ` / `)", ""]
+    for i, (q, ref) in enumerate(questions[:n_answers]):
+        if len(ref) > 200:  # a whole 古文 is pages
+            ref = ref[:200] + f"… ({len(ref):,} characters)"
+        lines += [f"**问:** {one_line(q)}  ", f"**参考:** {one_line(ref)}  "]
+        lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in runs]
+        lines.append("")
+    return lines
+
+
 def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12):
     """report.md: what a student hands in. The config, size, data and cost of each run, the
     loss plots, the evaluation table and sampled answers."""
@@ -89,94 +171,13 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
         f"{len(questions)} held-out questions; answers decoded with {decoding_label(decoding)} (the default) "
         f"and greedy; constraint `{constrain}`.",
         "",
-        "## Runs",
-        "",
-        "| | " + " | ".join(f"`{n}`" for n in names) + " |",
-        "|---" * (len(names) + 1) + "|",
     ]
-    summaries = {n: training_summary(n) for n in names}
-
-    def row(label, values):
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
-
-    row("stage", [stage_label(runs[n][0]) for n in names])
-    row("weights evaluated", [runs[n][0].get("weights", "-") for n in names])
-    row("fine-tuning", [method_label(runs[n][0]) for n in names])
-    row("parameters", [f"{runs[n][0]['params_M']}M" for n in names])
-    row(
-        "layers × width, heads, context",
-        [
-            f"{a['n_layer']} × {a['n_embd']}, {a['n_head']}, {a['block_size']}"
-            for a in (runs[n][0]["model_args"] for n in names)
-        ],
-    )
-    row("vocabulary", [f"{runs[n][0]['vocab']} ({runs[n][0]['vocab_size']:,} slots)" for n in names])
-    row("data", [f"`{runs[n][0]['config'].get('data_dir', '?')}`" for n in names])
-    row("iterations", [fmt(summaries[n].get("iterations")) for n in names])
-    row("tokens trained", [f"{summaries[n]['tokens']:,}" if summaries[n].get("tokens") else "-" for n in names])
-    row(
-        "training wall time",
-        [f"{summaries[n]['seconds']:.0f} s" if summaries[n].get("seconds") else "-" for n in names],
-    )
-    row(
-        "median tokens/s",
-        [f"{summaries[n]['tokens_per_s']:,.0f}" if summaries[n].get("tokens_per_s") else "-" for n in names],
-    )
-    row(
-        "val loss, first → last eval",
-        [f"{fmt(summaries[n].get('first_val_loss'))} → {fmt(summaries[n].get('last_val_loss'))}" for n in names],
-    )
-    lines += ["", f"## Configuration of `{names[0]}`", "", "```python"]
+    lines += runs_section(runs)
+    lines += [f"## Configuration of `{names[0]}`", "", "```python"]
     lines += [f"{k} = {v!r}" for k, v in sorted(runs[names[0]][0]["config"].items())]
     lines += ["```", ""]
     if plots:
         lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
-    lines += [
-        "## Evaluation",
-        "",
-        "| metric | " + " | ".join(f"`{n}`" for n in names) + " |",
-        "|---" * (len(names) + 1) + "|",
-    ]
-    for m in METRICS[3:]:
-        if any(runs[n][0].get(m) is not None for n in names):
-            row(m, [fmt(runs[n][0].get(m)) for n in names])
-    for m in GREEDY_METRICS:
-        if any(runs[n][0].get("greedy", {}).get(m) is not None for n in names):
-            row(f"greedy: {m}", [fmt(runs[n][0].get("greedy", {}).get(m)) for n in names])
-    types = sorted({t for n in names for t in runs[n][0].get("by_type", {})})
-    if types:
-        lines += [
-            "",
-            "By question type (exact match / char F1 / key-fact rate: the right author, the right next line):",
-            "",
-            "| type | questions | " + " | ".join(f"`{n}`" for n in names) + " |",
-            "|---" * (len(names) + 2) + "|",
-        ]
-        for t in types:
-            bt = [runs[n][0]["by_type"].get(t, {}) for n in names]
-            lines.append(
-                f"| {t} | {bt[0].get('questions', 0)} | "
-                + " | ".join(
-                    f"{b.get('exact_match', 0):.2f} / {b.get('char_f1', 0):.3f}"
-                    + (f" / {b['key_fact_rate']:.2f}" if "key_fact_rate" in b else "")
-                    for b in bt
-                )
-                + " |"
-            )
-    lines += [
-        "",
-        "## Sampled answers",
-        "",
-        f"({decoding_label(decoding)}; a line break in a poem is shown as ` / `)",
-        "",
-    ]
-
-    def one_line(text):
-        return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
-
-    for i, (q, ref) in enumerate(questions[:n_answers]):
-        ref = ref if len(ref) <= 200 else ref[:200] + f"… ({len(ref):,} characters)"
-        lines += [f"**问:** {one_line(q)}  ", f"**参考:** {one_line(ref)}  "]
-        lines += [f"**`{Path(n).name}` 答:** {one_line(runs[n][1][i])}  " for n in names]
-        lines.append("")
+    lines += evaluation_section(runs)
+    lines += [""] + answers_section(runs, questions, decoding, n_answers)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

@@ -91,17 +91,23 @@ def make_sft_data(docs, out, *extra, **kw):
                       "--block_size", "65", *extra, **kw)
 
 
+def torchrun_train(n, *args, check=True, timeout=300):
+    """train.py with args as n gloo processes under torchrun on this machine (one thread each);
+    returns the CompletedProcess, its exit status checked unless check=False."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                           "train.py", *args], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                          capture_output=True, text=True, timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
 def train_single_and_ddp(args, tmp_path):
     """train.py with args in one process (out_dir tmp_path/single) and as 2 gloo processes
     under torchrun (tmp_path/ddp); returns torchrun's CompletedProcess, checked."""
     import train
     train.main([*args, f"--out_dir={tmp_path / 'single'}"])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "train.py", *args, f"--out_dir={tmp_path / 'ddp'}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return torchrun_train(2, *args, f"--out_dir={tmp_path / 'ddp'}")
 
 
 def assert_same_training(single, distributed, iters):

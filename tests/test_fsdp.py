@@ -4,15 +4,12 @@ processes; best.pt read as before; half-written folders never taken; one-line er
 the live trackers (log_to), read back with their own readers."""
 import glob
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import TINY, read_log, run_script, torchrun_train
 from data_utils import UserError
 from miniglm.checkpoint import SHARDED, load_checkpoint
 
@@ -23,11 +20,7 @@ COMMON = [*TINY, "--block_size=64", "--gradient_accumulation_steps=4", "--eval_i
 
 def torchrun(n, out_dir, *args):
     """train.py as n processes under torchrun, parallel='fsdp'."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-                           "train.py", *COMMON, *args, f"--out_dir={out_dir}", "--parallel=fsdp"], cwd=ROOT,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
+    return torchrun_train(n, *COMMON, *args, f"--out_dir={out_dir}", "--parallel=fsdp")
 
 
 def one(out_dir, *args):
@@ -173,27 +166,8 @@ def test_half_written_folders_and_mismatched_checkpoints_are_one_line(tmp_path, 
         one(tmp_path / "x", *args, "--parallel=zero3")
     with pytest.raises(UserError, match="log_to must be one of none, tensorboard, wandb, got 'mlflow'"):
         one(tmp_path / "x", *args, "--log_to=mlflow")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            *TINY,
-            f"--data_dir={pretrain_dir}",
-            "--gradient_accumulation_steps=3",
-            "--batch_size=8",
-            f"--out_dir={tmp_path / 'x'}",
-            "--parallel=fsdp",
-        ],
-        cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = torchrun_train(2, *TINY, f"--data_dir={pretrain_dir}", "--gradient_accumulation_steps=3", "--batch_size=8",
+                          f"--out_dir={tmp_path / 'x'}", "--parallel=fsdp", check=False, timeout=120)
     assert (
         "error: gradient_accumulation_steps=3 must be divisible by the number of processes (2): "
         "--gradient_accumulation_steps=4 --batch_size=6" in proc.stderr

@@ -2,15 +2,12 @@
 trl's (its own GRPOTrainer._compute_loss on the same token ids), groups of equal rewards skipped,
 exact resume (the sampler's RNG in the checkpoint), DDP, LoRA, and one-line bad input."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import TINY, read_log, run_script, torchrun_train
 from data_utils import UserError
 from miniglm.align.grpo import group_advantages, grpo_loss
 from miniglm.align.rewards import load_reward, qa_reward, score
@@ -213,24 +210,7 @@ def test_flat_groups_are_skipped_and_change_nothing(tiny_runs, tiny_sft_data, tm
 @pytest.mark.slow
 def test_grpo_under_ddp_samples_per_process(tiny_runs, tiny_sft_data, tmp_path):
     args = [a for a in grpo_args(tiny_runs, tiny_sft_data, tmp_path, "--max_iters=2") if a != "--device=cpu"]
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "train.py",
-            *args,
-            "--device=cpu",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_train(2, *args, "--device=cpu")
     assert [s["iter"] for s in read_log(tmp_path, "train")] == [1, 2]
 
 

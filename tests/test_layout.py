@@ -128,6 +128,12 @@ def test_sampling_reaches_only_what_it_uses():
         assert not [m for m in reached if m.startswith(LATER_STAGES)]
 
 
+def test_the_pretraining_and_sft_trainer_stands_alone():
+    """miniglm/trainer.py (pretraining and SFT) reaches no later stage: the stages plug into it."""
+    reached = reach(import_graph(ROOT), "miniglm.trainer")
+    assert not [m for m in reached if m.startswith(("miniglm.align", "miniglm.export", "miniglm.batching", "train"))]
+
+
 def test_the_checks_can_fail(tmp_path):
     """A lazy import that closes a circle, and a core module that reaches a later stage, are found."""
     (tmp_path / "model.py").write_text("import torch\n")
