@@ -52,7 +52,8 @@ def step(title, *args):
     print(f"--- {title}: {time.time() - t0:.0f}s", flush=True)
 
 
-def main():
+def parse_args():
+    """The command line."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--smoke", action="store_true", help="a few iterations per step, to check everything runs")
     p.add_argument("--out", default="out", help="where the runs go (out/tiny-pretrain, out/tiny-sft)")
@@ -68,101 +69,85 @@ def main():
     p.add_argument("--reuse_sft", action="store_true", help="keep the SFT model of an earlier run (its best.pt)")
     p.add_argument("--refresh_docs", action="store_true",
                    help="copy the run's loss.png and curves.png over docs/ (the README's pictures)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def pick_data(choice):
+    """The pretraining corpus: fortunes-zh where the Debian package is installed, else the embedded one."""
+    if choice != "auto":
+        return choice
+    if FORTUNES.exists():
+        return "fortunes-zh"
+    print("note: the Debian package fortunes-zh is not installed; running on the embedded corpus "
+          "(assets/embedded/; --data fortunes-zh after installing it gives the README's figures)")
+    return "embedded"
+
+
+def pretrain(args, data, data_dir, pre, quick):
+    """Fetch, tokenize (and train the BPE), pretrain: out/tiny-pretrain."""
+    if args.reuse_pretrain and (pre / "best.pt").is_file():
+        print(f"note: --reuse_pretrain: keeping {pre / 'best.pt'} (fetch, prepare and pretraining skipped)")
+        return
+    step(f"fetch the default data ({data})", "data/fetch_data.py", data)
+    step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
+    step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}",
+         *quick)
+
+
+def finetune(args, data_dir, pre, sft, sft_data, rows, quick):
+    """The SFT set in the pretrained model's vocabulary, then SFT (full, LoRA or P-Tuning)."""
+    if args.reuse_sft and (sft / "best.pt").is_file():
+        print(f"note: --reuse_sft: keeping {sft / 'best.pt'} (its data in {sft_data})")
+        return
+    step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
+         f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
+    step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}",
+         f"--init_from={pre / 'best.pt'}", f"--data_dir={sft_data}", *quick)
+
+
+def align(args, sft, sft_data, rows, quick):
+    """The third stage, if asked for: DPO on pairs of the SFT model's own answers, or GRPO.
+    Returns the stage's out_dir, or None."""
+    if args.align == "dpo":
+        final = Path(args.out) / "tiny-dpo"
+        step("preference pairs from the SFT model's own answers (train questions only)", "data/prepare_pairs.py",
+             f"--vocab={sft}", "--on_policy", f"--sft_data={sft_data}", f"--block_size={rows}", "--out_dir=data/pairs",
+             *(["--max_questions=40"] if args.smoke else []))
+        step("tiny DPO", "train.py", "config/dpo_tiny_cpu.py", f"--out_dir={final}", f"--init_from={sft / 'best.pt'}",
+             "--data_dir=data/pairs", *quick)
+        return final
+    if args.align == "grpo":
+        final = Path(args.out) / "tiny-grpo"
+        step("tiny GRPO: the model's own answers, rewarded", "train.py", "config/grpo_tiny_cpu.py",
+             f"--out_dir={final}", f"--init_from={sft / 'best.pt'}", f"--data_dir={sft_data}", *quick)
+        return final
+    return None
+
+
+def main():
+    args = parse_args()
     pre = Path(args.out) / "tiny-pretrain"
     sft = Path(args.out) / {"full": "tiny-sft", "lora": "tiny-lora", "ptuning": "tiny-ptuning"}[args.finetune]
     # P-Tuning's virtual tokens take some of the model's positions: its SFT rows are shorter
     rows = sft_rows(args.finetune)
     sft_data = f"data/sft-{rows}" if args.finetune == "ptuning" else "data/sft"
     quick = ["--max_iters=8", "--eval_interval=4", "--eval_iters=2", "--log_interval=2"] if args.smoke else []
-    data = args.data
-    if data == "auto":
-        data = "fortunes-zh" if FORTUNES.exists() else "embedded"
-        if data == "embedded":
-            print("note: the Debian package fortunes-zh is not installed; running on the embedded corpus "
-                  "(assets/embedded/; --data fortunes-zh after installing it gives the README's figures)")
+    data = pick_data(args.data)
     data_dir = Path("data") / data
     t0 = time.time()
-    if args.reuse_pretrain and (pre / "best.pt").is_file():
-        print(f"note: --reuse_pretrain: keeping {pre / 'best.pt'} (fetch, prepare and pretraining skipped)")
-    else:
-        step(f"fetch the default data ({data})", "data/fetch_data.py", data)
-        step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
-        step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}",
-             *quick)
-    if args.reuse_sft and (sft / "best.pt").is_file():
-        print(f"note: --reuse_sft: keeping {sft / 'best.pt'} (its data in {sft_data})")
-    else:
-        step(
-            "build the SFT set in the pretrained model's vocabulary",
-            "data/prepare_sft.py",
-            f"--vocab={pre}",
-            "--pack",
-            f"--poems={data_dir / 'docs.jsonl'}",
-            f"--block_size={rows}",
-            f"--out_dir={sft_data}",
-        )
-        step(
-            f"tiny SFT ({args.finetune})",
-            "train.py",
-            SFT_CONFIGS[args.finetune],
-            f"--out_dir={sft}",
-            f"--init_from={pre / 'best.pt'}",
-            f"--data_dir={sft_data}",
-            *quick,
-        )
-    final, compare = sft, pre
-    if args.align == "dpo":
-        final, compare = Path(args.out) / "tiny-dpo", sft
-        step(
-            "preference pairs from the SFT model's own answers (train questions only)",
-            "data/prepare_pairs.py",
-            f"--vocab={sft}",
-            "--on_policy",
-            f"--sft_data={sft_data}",
-            f"--block_size={rows}",
-            "--out_dir=data/pairs",
-            *(["--max_questions=40"] if args.smoke else []),
-        )
-        step(
-            "tiny DPO",
-            "train.py",
-            "config/dpo_tiny_cpu.py",
-            f"--out_dir={final}",
-            f"--init_from={sft / 'best.pt'}",
-            "--data_dir=data/pairs",
-            *quick,
-        )
-    if args.align == "grpo":
-        final, compare = Path(args.out) / "tiny-grpo", sft
-        step(
-            "tiny GRPO: the model's own answers, rewarded",
-            "train.py",
-            "config/grpo_tiny_cpu.py",
-            f"--out_dir={final}",
-            f"--init_from={sft / 'best.pt'}",
-            f"--data_dir={sft_data}",
-            *quick,
-        )
-    step(
-        f"evaluate {final.name} vs {compare.name}, write the report",
-        "evaluations.py",
-        f"--out_dir={final}",
-        f"--compare={compare}",
-        f"--pretrain_data={data_dir}",
-        f"--sft_data={sft_data}",
-        "--show=6",
-        *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]),
-    )
+    pretrain(args, data, data_dir, pre, quick)
+    finetune(args, data_dir, pre, sft, sft_data, rows, quick)
+    aligned = align(args, sft, sft_data, rows, quick)
+    final, compare = (aligned, sft) if aligned else (sft, pre)  # the last stage, against the one before it
+    step(f"evaluate {final.name} vs {compare.name}, write the report", "evaluations.py", f"--out_dir={final}",
+         f"--compare={compare}", f"--pretrain_data={data_dir}", f"--sft_data={sft_data}", "--show=6",
+         *(["--questions=4", "--max_batches=2"] if args.smoke else ["--questions=100"]))
     if args.refresh_docs:
         for name in ("loss.png", "curves.png"):
             shutil.copyfile(final / name, ROOT / "docs" / name)
         print("copied loss.png and curves.png to docs/")
-    print(
-        f"\nall done in {time.time() - t0:.0f}s. Report: {final / 'report.md'}\n"
-        f"Next: python sample.py --out_dir={final} --chat   or   python sample_gradio.py"
-    )
-
+    print(f"\nall done in {time.time() - t0:.0f}s. Report: {final / 'report.md'}\n"
+          f"Next: python sample.py --out_dir={final} --chat   or   python sample_gradio.py")
 
 if __name__ == "__main__":
     main()
