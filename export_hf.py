@@ -35,7 +35,7 @@ from pathlib import Path
 from data_utils import UserError, run_cli
 from miniglm.adapters import merge_lora
 from miniglm.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint, open_checkpoint, weights_line
-from miniglm.export import gguf
+from miniglm.export import gguf as gguf_export  # (not the gguf package: the project's exporter, which uses it)
 from miniglm.export.hf import hf_model, hf_tokenizer, peft_adapter, write_model
 from miniglm.generation import model_template
 
@@ -55,7 +55,7 @@ def main():
     p.add_argument("--force", action="store_true", help="with --gguf: replace the file if it exists")
     args = p.parse_args()
     if args.gguf:
-        dest, mf = gguf.export(args.out_dir, args.gguf, args.gguf_type, args.force, args.base, args.merge)
+        dest, mf = gguf_export.export(args.out_dir, args.gguf, args.gguf_type, args.force, args.base, args.merge)
         print(f"wrote {dest} ({args.gguf_type}) and {mf}")
         return
     if not args.dest:
