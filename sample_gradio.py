@@ -131,6 +131,49 @@ def generation_settings(temperature, top_k, top_p, max_new_tokens, repetition_pe
     return gen
 
 
+def page(respond, choices, sft_data):
+    """The page: the chat on the left, the checkpoint and the decoding settings on the right."""
+    with gr.Blocks(title="MiniGLM chat") as app:
+        gr.Markdown(
+            "## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
+            "Answers stream token by token; the conversation is kept as context."
+        )
+        with gr.Row():
+            with gr.Column(scale=3):
+                chatbot = gr.Chatbot(label="对话", height=420)
+                question = gr.Textbox(label="问题", placeholder="例如: 《静夜思》的作者是谁?", lines=1)
+                with gr.Row():
+                    send = gr.Button("发送 Send", variant="primary")
+                    clear = gr.Button("清空 Clear")
+                gr.Examples(example_questions(sft_data), inputs=question, label="held-out questions")
+            with gr.Column(scale=1):
+                ckpt = gr.Dropdown(
+                    choices, value=choices[0] if choices else None, label="checkpoint", allow_custom_value=False
+                )
+                d = DEFAULT_DECODING
+                temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.05, label="temperature (0 = greedy)")
+                top_k = gr.Slider(0, 200, value=d["top_k"] or 0, step=1, label="top-k (0 = off; sampling only)")
+                top_p = gr.Slider(0.05, 1.0, value=d["top_p"] or 1.0, step=0.05, label="top-p (sampling only)")
+                penalty = gr.Slider(
+                    1.0,
+                    2.0,
+                    value=d["repetition_penalty"],
+                    step=0.05,
+                    label="repetition penalty (1 = off): less looping",
+                )
+                max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
+                constrain = gr.Radio(
+                    list(CONSTRAINTS),
+                    value="chars",
+                    label="decoding: known characters only / any valid UTF-8 / off (raw byte tokens)",
+                )
+        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain, penalty]
+        send.click(respond, inputs, [chatbot, question], api_name="chat")
+        question.submit(respond, inputs, [chatbot, question], api_name=False)
+        clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")
+    return app
+
+
 def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
     models = Models(out_dirs, device, max_models, load=partial(open_model, decode_mode=decode_mode))
     choices = out_dirs
@@ -200,44 +243,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             history[-1]["content"] = "(空回答 / empty answer)"
         yield history, ""
 
-    with gr.Blocks(title="MiniGLM chat") as app:
-        gr.Markdown(
-            "## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
-            "Answers stream token by token; the conversation is kept as context."
-        )
-        with gr.Row():
-            with gr.Column(scale=3):
-                chatbot = gr.Chatbot(label="对话", height=420)
-                question = gr.Textbox(label="问题", placeholder="例如: 《静夜思》的作者是谁?", lines=1)
-                with gr.Row():
-                    send = gr.Button("发送 Send", variant="primary")
-                    clear = gr.Button("清空 Clear")
-                gr.Examples(example_questions(sft_data), inputs=question, label="held-out questions")
-            with gr.Column(scale=1):
-                ckpt = gr.Dropdown(
-                    choices, value=choices[0] if choices else None, label="checkpoint", allow_custom_value=False
-                )
-                d = DEFAULT_DECODING
-                temperature = gr.Slider(0.0, 2.0, value=d["temperature"], step=0.05, label="temperature (0 = greedy)")
-                top_k = gr.Slider(0, 200, value=d["top_k"] or 0, step=1, label="top-k (0 = off; sampling only)")
-                top_p = gr.Slider(0.05, 1.0, value=d["top_p"] or 1.0, step=0.05, label="top-p (sampling only)")
-                penalty = gr.Slider(
-                    1.0,
-                    2.0,
-                    value=d["repetition_penalty"],
-                    step=0.05,
-                    label="repetition penalty (1 = off): less looping",
-                )
-                max_new = gr.Slider(8, 512, value=128, step=8, label="max new tokens")
-                constrain = gr.Radio(
-                    list(CONSTRAINTS),
-                    value="chars",
-                    label="decoding: known characters only / any valid UTF-8 / off (raw byte tokens)",
-                )
-        inputs = [question, chatbot, ckpt, temperature, top_k, top_p, max_new, constrain, penalty]
-        send.click(respond, inputs, [chatbot, question], api_name="chat")
-        question.submit(respond, inputs, [chatbot, question], api_name=False)
-        clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")
+    app = page(respond, choices, sft_data)
     # one generation at a time on this device; other users wait in the queue
     return app.queue(default_concurrency_limit=1, max_size=64)
 

@@ -135,23 +135,9 @@ def choose_next(
 
 
 @torch.no_grad()
-def generate_stream(
-    model,
-    idx,
-    max_new_tokens,
-    temperature=1.0,
-    top_k=None,
-    top_p=None,
-    stop_token=None,
-    use_cache=True,
-    generator=None,
-    constraint=None,
-    pad=None,
-    states=None,
-    repetition_penalty=1.0,
-    no_repeat_ngram=0,
-    written=None,
-):
+def generate_stream(model, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=None, stop_token=None,
+                    use_cache=True, generator=None, constraint=None, pad=None, states=None, repetition_penalty=1.0,
+                    no_repeat_ngram=0, written=None):
     """Yield the next token ids, shape (B,), one step at a time. temperature 0 = greedy.
     Stops early once every row has produced stop_token (an id, or several: any of them
     ends a row; a finished row then repeats the first). The KV cache path gives the
@@ -202,18 +188,8 @@ def generate_stream(
                 logits, _ = model(idx[:, -1:], kv_cache=cache, last_logits_only=True, pad=pad)
         else:
             logits, _ = model(idx[:, -block:], last_logits_only=True, pad=pad)
-        next_id = choose_next(
-            logits[:, -1, :],
-            written,
-            rows,
-            states,
-            temperature,
-            top_k,
-            top_p,
-            repetition_penalty,
-            no_repeat_ngram,
-            generator,
-        )
+        next_id = choose_next(logits[:, -1, :], written, rows, states, temperature, top_k, top_p,
+                              repetition_penalty, no_repeat_ngram, generator)  # (B,)
         if constraint is not None:
             states = [c.step(s, t) if c is not None else b"" for c, s, t in zip(rows, states, next_id.tolist())]
         if stop_token is not None:
