@@ -4,6 +4,7 @@ processes; best.pt read as before; half-written folders never taken; one-line er
 the live trackers (log_to), read back with their own readers."""
 import glob
 import json
+import time
 
 import pytest
 import torch
@@ -193,6 +194,11 @@ def test_tensorboard_and_wandb_get_the_log_records(tmp_path, pretrain_dir, monke
     runs = glob.glob(str(tmp_path / "wb" / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(runs) == 1
     records = wandb_records(runs[0])
+    for _ in range(60):  # wandb's service process may still be writing the file: wait for the run's exit record
+        if records["exited"]:
+            break
+        time.sleep(0.5)
+        records = wandb_records(runs[0])
     losses = [json.loads(h["train/loss"]) for h in records["history"] if "train/loss" in h]
     assert losses == pytest.approx([r["loss"] for r in read_log(tmp_path / "wb", "train")])
     assert "learning_rate" in records["config"]
@@ -205,12 +211,15 @@ def wandb_records(path):
 
     from wandb.proto import wandb_internal_pb2
 
-    data, pos, piece, out = open(path, "rb").read(), 7, b"", {"history": [], "config": set()}
+    data, pos, piece, out = open(path, "rb").read(), 7, b"", {"history": [], "config": set(), "exited": False}
     while pos + 7 <= len(data):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
             pos += 32768 - pos % 32768
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0:  # padding, no record
+            pos += 7 + length
+            continue
         piece, pos = piece + data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind in (1, 4):  # a whole record, or the last piece of one
             record = wandb_internal_pb2.Record()
@@ -220,6 +229,8 @@ def wandb_records(path):
                 out["history"].append({i.key or "/".join(i.nested_key): i.value_json for i in record.history.item})
             if record.HasField("run"):
                 out["config"] |= {i.key for i in record.run.config.update}
+            if record.HasField("exit"):
+                out["exited"] = True
     return out
 
 
