@@ -1,8 +1,8 @@
 """
 The whole pipeline in one command, on a CPU in under 8 minutes: fetch the default data →
-prepare (a BPE trained on its train split) → tiny pretrain → prepare SFT (in the model's
-vocabulary) → tiny SFT → [--align=dpo: preference pairs of its own answers → tiny DPO;
---align=grpo: tiny GRPO] →
+prepare (a BPE trained on its train split) → prepare SFT and its choice questions (in that
+BPE) → tiny pretrain (scoring the dev choice questions at each evaluation) → tiny SFT →
+[--align=dpo: preference pairs of its own answers → tiny DPO; --align=grpo: tiny GRPO] →
 evaluate against the model before the last stage → report.
 
 The data: Debian's fortunes-zh where it is installed (the README's figures), else the
@@ -29,6 +29,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 FORTUNES = Path("/usr/share/games/fortunes/tang300")  # data/fetch_data.py reads it and its siblings
+PRETRAIN_CONFIG = "config/train_tiny_cpu.py"
 SFT_CONFIGS = {"full": "config/sft_tiny_cpu.py", "lora": "config/sft_lora_tiny_cpu.py",
                "ptuning": "config/sft_ptuning_tiny_cpu.py"}
 
@@ -38,7 +39,7 @@ def sft_rows(method, overrides=()):
     tiny pretrain's block_size (256); with a P-Tuning prefix, as many as fit beside it
     (block_size + 1 - its virtual tokens: the model sees a row less its last token)."""
     from train import load_config
-    block = load_config([str(ROOT / "config/train_tiny_cpu.py")])["block_size"]
+    block = load_config([str(ROOT / PRETRAIN_CONFIG)])["block_size"]
     if method != "ptuning":
         return block
     return block + 1 - load_config([str(ROOT / SFT_CONFIGS[method]), *overrides])["num_virtual_tokens"]
@@ -83,26 +84,42 @@ def pick_data(choice):
     return "embedded"
 
 
-def pretrain(args, data, data_dir, pre, quick):
-    """Fetch, tokenize (and train the BPE), pretrain: out/tiny-pretrain."""
-    if args.reuse_pretrain and (pre / "best.pt").is_file():
+def reusing(args, pre, sft):
+    """(keep the pretrained model, keep the SFT model): what --reuse_pretrain and --reuse_sft find."""
+    return args.reuse_pretrain and (pre / "best.pt").is_file(), args.reuse_sft and (sft / "best.pt").is_file()
+
+
+def prepare(args, data, data_dir, pre, sft, sft_data, rows):
+    """Fetch, tokenize (and train the BPE); the SFT set and its choice questions in the model's
+    vocabulary (that BPE), before pretraining, which scores the dev choice questions as it goes."""
+    keep_pre, keep_sft = reusing(args, pre, sft)
+    if keep_pre:
         print(f"note: --reuse_pretrain: keeping {pre / 'best.pt'} (fetch, prepare and pretraining skipped)")
-        return
-    step(f"fetch the default data ({data})", "data/fetch_data.py", data)
-    step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
-    step("tiny pretrain", "train.py", "config/train_tiny_cpu.py", f"--data_dir={data_dir}", f"--out_dir={pre}",
-         *quick)
-
-
-def finetune(args, data_dir, pre, sft, sft_data, rows, quick):
-    """The SFT set in the pretrained model's vocabulary, then SFT (full, LoRA or P-Tuning)."""
-    if args.reuse_sft and (sft / "best.pt").is_file():
+    else:
+        step(f"fetch the default data ({data})", "data/fetch_data.py", data)
+        step("tokenize for pretraining, train the BPE on the train split", "data/prepare.py", data)
+    if keep_sft:
         print(f"note: --reuse_sft: keeping {sft / 'best.pt'} (its data in {sft_data})")
         return
-    step("build the SFT set in the pretrained model's vocabulary", "data/prepare_sft.py", f"--vocab={pre}", "--pack",
-         f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}", f"--out_dir={sft_data}")
-    step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}",
-         f"--init_from={pre / 'best.pt'}", f"--data_dir={sft_data}", *quick)
+    from train import load_config
+    vocab = pre if keep_pre else data_dir / f"bpe-{load_config([str(ROOT / PRETRAIN_CONFIG)])['vocab_size']}.json"
+    step("build the SFT set and its choice questions in the model's vocabulary", "data/prepare_sft.py",
+         f"--vocab={vocab}", "--pack", f"--poems={data_dir / 'docs.jsonl'}", f"--block_size={rows}",
+         f"--out_dir={sft_data}")
+
+
+def pretrain(args, data_dir, pre, sft, sft_data, quick):
+    """Pretrain: out/tiny-pretrain, the dev choice questions scored at each evaluation."""
+    if not reusing(args, pre, sft)[0]:
+        step("tiny pretrain", "train.py", PRETRAIN_CONFIG, f"--data_dir={data_dir}", f"--out_dir={pre}",
+             f"--choice_set={Path(sft_data) / 'choices_dev.jsonl'}", *quick)
+
+
+def finetune(args, pre, sft, sft_data, quick):
+    """SFT (full, LoRA or P-Tuning) on the SFT set."""
+    if not reusing(args, pre, sft)[1]:
+        step(f"tiny SFT ({args.finetune})", "train.py", SFT_CONFIGS[args.finetune], f"--out_dir={sft}",
+             f"--init_from={pre / 'best.pt'}", f"--data_dir={sft_data}", *quick)
 
 
 def align(args, sft, sft_data, rows, quick):
@@ -114,7 +131,7 @@ def align(args, sft, sft_data, rows, quick):
              f"--vocab={sft}", "--on_policy", f"--sft_data={sft_data}", f"--block_size={rows}", "--out_dir=data/pairs",
              *(["--max_questions=40"] if args.smoke else []))
         step("tiny DPO", "train.py", "config/dpo_tiny_cpu.py", f"--out_dir={final}", f"--init_from={sft / 'best.pt'}",
-             "--data_dir=data/pairs", *quick)
+             "--data_dir=data/pairs", f"--choice_set={Path(sft_data) / 'choices_dev.jsonl'}", *quick)
         return final
     if args.align == "grpo":
         final = Path(args.out) / "tiny-grpo"
@@ -135,8 +152,9 @@ def main():
     data = pick_data(args.data)
     data_dir = Path("data") / data
     t0 = time.time()
-    pretrain(args, data, data_dir, pre, quick)
-    finetune(args, data_dir, pre, sft, sft_data, rows, quick)
+    prepare(args, data, data_dir, pre, sft, sft_data, rows)
+    pretrain(args, data_dir, pre, sft, sft_data, quick)
+    finetune(args, pre, sft, sft_data, quick)
     aligned = align(args, sft, sft_data, rows, quick)
     final, compare = (aligned, sft) if aligned else (sft, pre)  # the last stage, against the one before it
     step(f"evaluate {final.name} vs {compare.name}, write the report", "evaluations.py", f"--out_dir={final}",

@@ -3,7 +3,9 @@ Evaluate a checkpoint: pretraining val loss, perplexity and bits per character, 
 answer-token loss, and on the held-out SFT questions, generated answers scored against
 the references: character-level exact match, F1 and ROUGE-L (per question type too),
 BLEU and chrF by sacrebleu (tokenize='zh', 0-100, comparable with published figures),
-plus distinct-1/2 and the number of answers holding U+FFFD. The answers are decoded twice:
+plus distinct-1/2 and the number of answers holding U+FFFD; and what the model knows: the
+choice questions of choices_test.jsonl scored by log-likelihood (miniglm/choices.py: acc and
+acc_norm with 95% intervals, per type). The answers are decoded twice:
 with the default decoding (what sample.py and the Gradio page give a user; the top-level
 figures) and greedy (under "greedy"). Prints a table, writes JSON and a run report
 (report.md with the loss plots) for coursework.
@@ -22,6 +24,7 @@ from tqdm import tqdm
 
 import visualize
 from data_utils import PretrainData, SFTData, UserError, pick_device, run_cli, write_json
+from miniglm import choices
 from miniglm.checkpoint import find_checkpoint, load_model
 from miniglm.constraint import CONSTRAINTS
 from miniglm.generation import (
@@ -126,6 +129,10 @@ def evaluate(path, args, device, questions, decoding):
     result["pretrain_val_ppl"] = math.exp(loss) if loss is not None else None
     result["pretrain_val_bpc"] = bpc
     result["sft_answer_loss"] = sft_loss(model, tok, args.sft_data, args.batch_size, args.max_batches, device)
+    if args.choice_items:  # a pretrained model (no template) is asked in the corpus's plain text
+        scored = choices.score(model, tok, args.choice_items, ckpt.get("template"))
+        result["choices"] = dict(scored, file=str(args.choice_set))
+        print(f"choice questions: {choices.score_line(scored)}", flush=True)
     constraint = model_constraint(tok, ckpt, args.constrain)
     # gen_batch rows at a time, finished rows refilled: the same answers as one by one, faster
     print(f"answering {len(questions)} questions with {Path(path).name} ...", flush=True)
@@ -143,6 +150,20 @@ def evaluate(path, args, device, questions, decoding):
     return result, preds, greedy
 
 
+def print_choices(scores, width):
+    """The choice questions' table: acc and acc_norm [95% interval], overall and per type."""
+    names = list(scores)
+    first = scores[names[0]]
+    print(f"\nchoice questions ({first['items']} of {first['file']}; chance 0.25): acc [95% interval]")
+    print(f"{'':<18}" + "".join(f"{n:>{width}}" for n in names))
+    interval = lambda s, key: f"{s[key]:.3f} [{s[key + '_ci'][0]:.2f}, {s[key + '_ci'][1]:.2f}]"  # noqa: E731
+    rows = [(key, [interval(scores[n], key) for n in names]) for key in ("acc", "acc_norm")]
+    for kind, by_type in first["by_type"].items():
+        rows.append((f"{kind} ({by_type['items']})", [interval(scores[n]["by_type"][kind], "acc") for n in names]))
+    for label, cells in rows:
+        print(f"{label:<18}" + "".join(f"{c:>{width}}" for c in cells))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out_dir", default="out/tiny-sft", help="checkpoint (out_dir or .pt) to evaluate")
@@ -155,6 +176,9 @@ def main():
     )
     p.add_argument("--sft_data", help="folder with sft_val.bin and sft_val.jsonl (default: the checkpoint's own)")
     p.add_argument("--questions", type=int, default=50, help="held-out questions to answer")
+    p.add_argument("--choice_set", default="auto",
+                   help="choice questions scored by log-likelihood (miniglm/choices.py): a choices JSONL, "
+                        "'auto' = the SFT data's choices_test.jsonl where there is one, or 'none'")
     p.add_argument("--max_new_tokens", type=int, default=96)
     p.add_argument("--batch_size", type=int, default=8, help="rows per batch for the losses")
     p.add_argument("--gen_batch", type=int, default=32, help="questions answered at once (batched generation)")
@@ -186,6 +210,15 @@ def main():
     args.sft_data = args.sft_data or sft_data or "data/sft"
     print(f"data: pretraining {args.pretrain_data}, SFT {args.sft_data}")
     questions = held_out_questions(args.sft_data, args.questions)
+    args.choice_items = None
+    if args.choice_set == "auto":
+        args.choice_set = choices.choice_file(args.sft_data, "test")
+        if not args.choice_set.is_file():
+            print(f"note: no {args.choice_set} (data/prepare_sft.py writes it for the default set); choice questions "
+                  "skipped")
+            args.choice_set = "none"
+    if args.choice_set != "none":
+        args.choice_items = choices.read_choices(args.choice_set)
     if not questions:
         print(f"note: no held-out questions in {args.sft_data}/sft_val.jsonl; generation metrics skipped")
     runs = {args.out_dir: evaluate(args.out_dir, args, device, questions, decoding)}
@@ -201,6 +234,8 @@ def main():
     for m, cells in rows:
         if any(c is not None for c in cells):
             print(f"{m:<18}" + "".join(f"{fmt(c):>{width}}" for c in cells))
+    if args.choice_items:
+        print_choices({n: runs[n][0]["choices"] for n in names}, width)
     for i, (q, ref) in enumerate(questions[: args.show]):
         short = ref if len(ref) <= 200 else ref[:200] + f"… ({len(ref):,} characters)"  # a whole 古文 is pages
         print(f"\n问: {q}\n参考: {short}")

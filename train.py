@@ -48,6 +48,10 @@ DEFAULTS = dict(
     eval_iters=50,  # batches per split in each evaluation
     log_interval=10,  # a log line every this many iterations
     eval_only=False,  # evaluate once and stop (no checkpoint written)
+    # choice questions scored by log-likelihood at each evaluation (miniglm/choices.py): what the model
+    # knows, long before its greedy answers show it. A choices JSONL, 'auto' = data_dir's
+    # choices_dev.jsonl where there is one (data/prepare_sft.py writes it), or 'none'
+    choice_set="auto",
     # the stage: a key of STAGES above
     stage="auto",
     # model (ignored when the weights come from a checkpoint)

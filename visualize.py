@@ -6,8 +6,9 @@ Plot training curves from the log.jsonl of one or more runs (train.py writes it)
 
 Writes loss.png (train and val loss vs iteration, one panel per run kind: pretraining and
 SFT side by side, several runs of a kind overlaid with a legend) and curves.png (loss vs
-iteration and vs tokens, learning rate, tokens/s, and pretraining val bits per character,
-which compares across vocabularies where nats per token do not); for DPO runs also dpo.png
+iteration and vs tokens, learning rate, tokens/s, pretraining val bits per character,
+which compares across vocabularies where nats per token do not, and the accuracy on the dev
+choice questions, what the model knows, where train.py scored them); for DPO runs also dpo.png
 (trl's reward metrics: chosen and rejected rewards, margin, accuracy), for GRPO runs grpo.png
 (reward and its spread, flat groups, KL, entropy, answer length, dev pass@1).
 """
@@ -83,7 +84,9 @@ def plot_runs(runs, out, log_y=False):
     plt.close(fig)
 
     bpc_runs = [r for r in runs if any(e.get("val_bpc") is not None for e in r["eval"])]
-    fig, axes = plt.subplots(2, 3 if bpc_runs else 2, figsize=(18 if bpc_runs else 12, 8), squeeze=False)
+    choice_runs = [r for r in runs if any("dev_choice_acc" in e for e in r["eval"])]
+    wide = bool(bpc_runs or choice_runs)
+    fig, axes = plt.subplots(2, 3 if wide else 2, figsize=(18 if wide else 12, 8), squeeze=False)
     for run in runs:
         plot_loss(axes[0, 0], run, run["color"], log_y=log_y)
         plot_loss(axes[0, 1], run, run["color"], x="tokens", log_y=log_y)
@@ -104,6 +107,12 @@ def plot_runs(runs, out, log_y=False):
                     label=run["name"])
         ax.set(title="pretraining val bits per character", xlabel="tokens seen", ylabel="bits / character")
         panels.append(ax)
+    elif wide:
+        axes[0, 2].axis("off")
+    if choice_runs:
+        plot_choices(axes[1, 2], choice_runs)
+        panels.append(axes[1, 2])
+    elif wide:
         axes[1, 2].axis("off")
     for ax in panels:
         ax.grid(alpha=0.3)
@@ -114,6 +123,19 @@ def plot_runs(runs, out, log_y=False):
     dpo_runs, grpo_runs = ([r for r in runs if r["kind"] == k] for k in ("DPO", "GRPO"))
     return [out / "loss.png", out / "curves.png"] + ([plot_dpo(dpo_runs, out)] if dpo_runs else []) + \
         ([plot_grpo(grpo_runs, out)] if grpo_runs else [])
+
+
+def plot_choices(ax, runs):
+    """What the model knows: accuracy on the dev choice questions (by log-likelihood) at each
+    evaluation, against chance (1 in 4)."""
+    for run in runs:
+        points = [e for e in run["eval"] if "dev_choice_acc" in e]
+        ax.plot([e["iter"] for e in points], [e["dev_choice_acc"] for e in points], "o-", color=run["color"],
+                label=f"{run['name']} acc")
+        ax.plot([e["iter"] for e in points], [e["dev_choice_acc_norm"] for e in points], "s:", color=run["color"],
+                alpha=0.6, label=f"{run['name']} acc_norm")
+    ax.axhline(0.25, color="gray", linestyle="--", linewidth=1, label="chance (1 in 4)")
+    ax.set(title="dev choice questions: accuracy by log-likelihood", xlabel="iteration", ylabel="accuracy")
 
 
 def plot_grpo(runs, out):

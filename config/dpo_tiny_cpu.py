@@ -7,6 +7,7 @@
 # (benchmarks/bench_align.py, benchmarks/README.md), never on the 100 scored ones.
 out_dir = "out/tiny-dpo"
 data_dir = "data/pairs"
+choice_set = "data/sft/choices_dev.jsonl"  # the pairs folder has none: the SFT set's dev choice questions
 init_from = "out/tiny-sft/best.pt"
 stage = "dpo"
 beta = 0.1

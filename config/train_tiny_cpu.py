@@ -30,6 +30,9 @@ max_iters = 1500  # 3.1M tokens: 6.8 passes over the 451k train tokens; ~6 min o
 warmup_iters = 30
 min_lr = 2e-4
 eval_interval = 500
+# what the model knows, at each evaluation: the dev choice questions, scored by log-likelihood
+# (miniglm/choices.py; data/prepare_sft.py writes them; demo.py builds them before pretraining)
+choice_set = "data/sft/choices_dev.jsonl"
 eval_iters = 20
 log_interval = 50
 device = "cpu"

@@ -34,9 +34,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.sft_formats import FORMATS, read_records  # noqa: E402
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
 from miniglm.chat_template import TEMPLATES, join_segments, message_segments  # noqa: E402
+from miniglm.choices import TYPES, build_items, choice_file, held_out_poems  # noqa: E402
+from miniglm.metrics import held_out_questions  # noqa: E402
 from miniglm.tokenizer import GPT2, load_vocab_file, tokenizer_from_state  # noqa: E402
 
 DATA_DIR = Path(__file__).resolve().parent
+SCORED_QUESTIONS = 100  # the held-out questions evaluations.py answers (demo.py: --questions=100)
+DEV_QUESTIONS = 64  # the ones after them: GRPO's dev questions (grpo_dev_questions) and choices_dev.jsonl
 
 
 # ------------------------------------------------------------------ the default data set
@@ -93,6 +97,17 @@ def default_groups(poems_paths, seed, max_poems=None, all_next_lines=True):
     """Groups of conversations for the default set: one group per poem (so a held-out poem
     has none of its questions in training) and one per dialogue. max_poems caps each file."""
     rng = random.Random(seed)
+    poems = read_poems(poems_paths, rng, max_poems)
+    groups = [poem_conversations(p, rng, all_next_lines) for p in poems]
+    dialogues = chatterbot_conversations()
+    sources = [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths
+    print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, sources))}, "
+          f"{len(dialogues):,} chatterbot-corpus dialogues")
+    return groups + [[d] for d in dialogues]
+
+
+def read_poems(poems_paths, rng, max_poems=None):
+    """The poems (documents with title and lines) of one or more docs.jsonl files, each once."""
     poems, seen = [], set()
     for path in [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths:
         if not Path(path).exists():
@@ -109,12 +124,25 @@ def default_groups(poems_paths, seed, max_poems=None, all_next_lines=True):
             if key not in seen:
                 seen.add(key)
                 poems.append(p)
-    groups = [poem_conversations(p, rng, all_next_lines) for p in poems]
-    dialogues = chatterbot_conversations()
-    sources = [poems_paths] if isinstance(poems_paths, (str, Path)) else poems_paths
-    print(f"default SFT set: {len(poems):,} poems from {', '.join(map(str, sources))}, "
-          f"{len(dialogues):,} chatterbot-corpus dialogues")
-    return groups + [[d] for d in dialogues]
+    return poems
+
+
+def write_choice_sets(out_dir, poems_paths, seed, dev_questions=DEV_QUESTIONS):
+    """The choice questions of the held-out split (miniglm/choices.py): choices_dev.jsonl from the
+    dev questions (the held-out ones after the first SCORED_QUESTIONS, as GRPO's), choices_test.jsonl
+    from all the others. The distractors come from every poem of poems_paths."""
+    poems = read_poems(poems_paths, random.Random(seed))
+    held_out = held_out_questions(out_dir, 10**9)
+    dev_range = range(SCORED_QUESTIONS, SCORED_QUESTIONS + dev_questions)
+    questions = {"dev": [q for i, q in enumerate(held_out) if i in dev_range],
+                 "test": [q for i, q in enumerate(held_out) if i not in dev_range]}
+    line_poems = held_out_poems(held_out, poems)
+    for split, qs in questions.items():
+        items = build_items(qs, poems, seed, line_poems)
+        records = [json.dumps(item, ensure_ascii=False) + "\n" for item in items]
+        atomic_write(choice_file(out_dir, split), lambda f: f.writelines(records), mode="w")
+        counts = ", ".join(f"{kind} {sum(it['type'] == kind for it in items)}" for kind in TYPES)
+        print(f"{choice_file(out_dir, split)}: {len(items)} choice questions ({counts}) from {len(qs)} held-out ones")
 
 
 # ------------------------------------------------------------------ tokens, rows, files
@@ -435,6 +463,8 @@ def main():
         write_split(out_dir, split, samples, tok, args, meta)
     meta.update(stats)
     write_json(out_dir / "meta.json", meta)
+    if not args.input:  # the default set's facts as choice questions
+        write_choice_sets(out_dir, args.poems, args.seed)
     print(
         f"truncated {stats['truncated']} (oldest turns {stats['cut_oldest_turns']}: {stats['dropped_turns']} turns; "
         f"question from the left {stats['cut_question_left']}; answer from the right {stats['cut_answer_right']}; "

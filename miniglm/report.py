@@ -143,6 +143,29 @@ def evaluation_section(runs):
     return lines
 
 
+def choices_section(runs):
+    """## What the model knows: accuracy on the choice questions by log-likelihood, with 95% intervals."""
+    names = [n for n in runs if runs[n][0].get("choices")]
+    if not names:
+        return []
+    scores = [runs[n][0]["choices"] for n in names]
+    lines = ["## What the model knows: choice questions", "",
+             f"`{scores[0]['file']}`: the right answer among 4 (chance 0.25), chosen by the model's "
+             "log-likelihood (acc: summed; acc_norm: per character); [95% Wilson interval]. Form: "
+             + ", ".join(f"`{n}` {s['form']}" for n, s in zip(names, scores)) + ".", "",
+             *table_head("type", names, extra=["items"])]
+
+    def cell(s, key):
+        return f"{s[key]:.3f} [{s[key + '_ci'][0]:.2f}, {s[key + '_ci'][1]:.2f}]"
+
+    for key in ("acc", "acc_norm"):
+        lines.append(table_row(f"all: {key}", [str(scores[0]["items"]), *(cell(s, key) for s in scores)]))
+    for t in sorted(scores[0]["by_type"]):
+        lines.append(table_row(f"{t}: acc", [str(scores[0]["by_type"][t]["items"]),
+                                             *(cell(s["by_type"][t], "acc") for s in scores)]))
+    return lines + [""]
+
+
 def one_line(text):
     """A poem's line breaks shown as ' / ', so that an answer fits a line of the report."""
     return " / ".join(ln.strip() for ln in text.strip().splitlines()) or "(empty)"
@@ -179,5 +202,6 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
     if plots:
         lines += ["## Loss curves", ""] + [f"![{p.stem}]({p.name})" for p in plots] + [""]
     lines += evaluation_section(runs)
-    lines += [""] + answers_section(runs, questions, decoding, n_answers)
+    lines += [""] + choices_section(runs)
+    lines += answers_section(runs, questions, decoding, n_answers)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

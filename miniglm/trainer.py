@@ -7,8 +7,9 @@ The steps: distributed.setup (processes, device, dtype) → build_model (weights
 data, adapter) → build_optimizer (and resumed state) → train (the step loop):
 
   train_step = set_lr → accumulate_gradients (micro-steps of step_loss) → update
-  every eval_interval: evaluate_and_save → estimate_loss, ckpt.pt, and best.pt when
-  consider_best says the stage's metric (selection) improved
+  every eval_interval: evaluate_and_save → estimate_loss (and the dev choice questions:
+  miniglm/choices.py), ckpt.pt, and best.pt when consider_best says the stage's metric
+  (selection) improved
 
 The hooks a stage overrides: check_config, open_data, step_loss, estimate_loss, selection,
 train_step (built from set_lr and update), log_extras, metadata.
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 from data_utils import SFTData, UserError, open_data
-from miniglm import distributed
+from miniglm import choices, distributed
 from miniglm.adapters import adapter_settings, adapter_state, add_adapter, file_sha256, trained_fraction
 from miniglm.checkpoint import (
     SHARDED,
@@ -110,6 +111,19 @@ class Trainer:
         else:
             self.template = data.meta.get("template", "qa")
         self.raw_model, self.tok, self.model_args = model, tok, model_args
+        self.choices = self.open_choices(c["choice_set"], c["data_dir"])
+
+    def open_choices(self, choice_set, data_dir):
+        """The choice items scored at each evaluation (miniglm/choices.py), or None: 'auto' =
+        data_dir's choices_dev.jsonl where there is one; a file that is not there is a note."""
+        if choice_set == "none":
+            return None
+        path = choices.choice_file(data_dir, "dev") if choice_set == "auto" else Path(choice_set)
+        if not path.is_file():
+            if choice_set != "auto" and self.run.master:
+                print(f"note: choice_set {path} not found (data/prepare_sft.py writes it); no choice scores")
+            return None
+        return choices.read_choices(path)
 
     def load_start(self):
         """(model, tokenizer, characters seen, model_args) of init_from: the run to resume, or the
@@ -289,6 +303,14 @@ class Trainer:
         line = f"eval {self.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
         if bpc is not None:
             line += f" ({bpc:.3f} bits/char)"
+        if self.choices:  # what the model knows: the dev choice questions, by log-likelihood
+            t_choices = time.time()
+            with self.run.amp:
+                # a pretrained model (no template) is asked in the corpus's plain text, a fine-tuned one in its template
+                scored = choices.score(self.raw_model, self.tok, self.choices, self.template)
+            record.update(dev_choice_acc=scored["acc"], dev_choice_acc_norm=scored["acc_norm"],
+                          dev_choice_s=time.time() - t_choices)
+            line += f"; dev choices acc {scored['acc']:.3f}, acc_norm {scored['acc_norm']:.3f}"
         self.log(record, line)
         if self.c["eval_only"]:
             return
