@@ -130,15 +130,18 @@ def read_poems(poems_paths, rng, max_poems=None):
 def write_choice_sets(out_dir, poems_paths, seed, dev_questions=DEV_QUESTIONS):
     """The choice questions of the held-out split (miniglm/choices.py): choices_dev.jsonl from the
     dev questions (the held-out ones after the first SCORED_QUESTIONS, as GRPO's), choices_test.jsonl
-    from all the others. The distractors come from every poem of poems_paths."""
+    from all the others but those asked in dev too. The distractors come from every poem of poems_paths."""
     poems = read_poems(poems_paths, random.Random(seed))
     held_out = held_out_questions(out_dir, 10**9)
-    dev_range = range(SCORED_QUESTIONS, SCORED_QUESTIONS + dev_questions)
-    questions = {"dev": [q for i, q in enumerate(held_out) if i in dev_range],
-                 "test": [q for i, q in enumerate(held_out) if i not in dev_range]}
+    dev = held_out[SCORED_QUESTIONS:SCORED_QUESTIONS + dev_questions]
+    asked_in_dev = {q for q, _ in dev}  # (a question asked twice, in dev and elsewhere, is dev's)
+    test = [(q, a) for q, a in held_out if q not in asked_in_dev]
+    questions = {"dev": dev, "test": test}
     line_poems = held_out_poems(held_out, poems)
+    records, _ = read_jsonl(Path(out_dir) / "sft_train.jsonl")
+    trained = {m["content"] for _, c in records for m in c["messages"] if m["role"] == "user"}
     for split, qs in questions.items():
-        items = build_items(qs, poems, seed, line_poems)
+        items = build_items(qs, poems, seed, line_poems, trained)
         records = [json.dumps(item, ensure_ascii=False) + "\n" for item in items]
         atomic_write(choice_file(out_dir, split), lambda f: f.writelines(records), mode="w")
         counts = ", ".join(f"{kind} {sum(it['type'] == kind for it in items)}" for kind in TYPES)

@@ -68,18 +68,19 @@ def held_out_poems(questions, poems):
     return [p for p in poems if p["title"] in titles or any(line in p["text"] for line in lines)]
 
 
-def build_items(questions, poems, seed, line_poems):
+def build_items(questions, poems, seed, line_poems, trained=()):
     """Choice items for the (question, reference answer) pairs of the default SFT set's kinds
     (作者, 下一句, 请背诵/请写出 → 首句); other questions give none. poems: the documents
     (title, author, lines, text) the questions were made from; the wrong authors come from all
     of them, the wrong lines from line_poems (the held-out ones: no choice is a line that SFT
     trained on, which a fine-tuned model would favour for being familiar), never from the
-    question's own poem."""
+    question's own poem. A question with more than one right answer (a title several poems
+    share, as 词牌 names are; a half-line in several poems) or asked in training (trained) gives none."""
     rng = random.Random(seed)
     authors = [p["author"] for p in poems if p.get("author")]
     by_title = {}
     for p in poems:
-        by_title.setdefault(p["title"], p)
+        by_title.setdefault(p["title"], []).append(p)
 
     def wrong_lines(right, own_texts):
         """Three half-lines of right's length from line_poems other than the question's own."""
@@ -90,24 +91,29 @@ def build_items(questions, poems, seed, line_poems):
     items, seen = [], set()
     for question, reference in questions:
         item = None
+        if question in trained:
+            continue
         if m := re.fullmatch(r"《(.+)》的作者是谁\?", question):
             title = m.group(1)
             author = re.fullmatch(r"《.+》的作者是(.+)。", reference)
-            wrong = distractors(author.group(1), authors, rng) if author else None
+            unique = len({p.get("author") for p in by_title.get(title, [])}) == 1
+            wrong = distractors(author.group(1), authors, rng) if author and unique else None
             if wrong:
                 item = choice_item("作者", question, f"《{title}》的作者是", f"《{title}》\n作者:", author.group(1),
                                    wrong, rng)
         elif m := re.fullmatch(r"“(.+)”的下一句是什么\?", question):
             line = m.group(1)
             fact = re.fullmatch(r"“.+”的下一句是“(.+)”。", reference)
-            found = fact and re.search(re.escape(line) + f"({HALF_LINE_END}\n?)" + re.escape(fact.group(1)),
-                                       "\n".join(next_line_source(poems, line)))
-            wrong = wrong_lines(fact.group(1), next_line_source(poems, line)) if found else None
+            sources = next_line_source(poems, line)
+            found = fact and len(sources) == 1 and re.search(
+                re.escape(line) + f"({HALF_LINE_END}\n?)" + re.escape(fact.group(1)), sources[0])
+            wrong = wrong_lines(fact.group(1), sources) if found else None
             if wrong:
                 item = choice_item("下一句", question, f"“{line}”的下一句是“", line + found.group(1), fact.group(1),
                                    wrong, rng)
         elif m := re.fullmatch(r"请背诵《(.+)》。|请写出.+的《(.+)》。", question):
-            poem = by_title.get(m.group(1) or m.group(2))
+            same_title = by_title.get(m.group(1) or m.group(2), [])
+            poem = same_title[0] if len(same_title) == 1 else None
             first = half_lines(reference.split("\n"))[:1]
             if poem and first and poem["text"].find(first[0]) > 0:
                 wrong = wrong_lines(first[0], [poem["text"]])

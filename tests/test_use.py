@@ -125,6 +125,12 @@ def test_evaluations_end_to_end(tiny_runs, pretrain_dir, tiny_sft_data, tmp_path
     assert math.isclose(a["pretrain_val_ppl"], math.exp(a["pretrain_val_loss"]))
     assert all(0 <= a[k] <= 1 for k in ("exact_match", "char_f1", "rouge_l", "distinct_1", "distinct_2"))
     assert all(0 <= a[k] <= 100 for k in ("bleu", "chrf"))
+    # what the models know: the held-out choice questions, the SFT model in its template, the pretrained in plain text
+    items = len((tiny_sft_data / "choices_test.jsonl").read_text().splitlines())
+    assert a["choices"]["items"] == b["choices"]["items"] == items > 10
+    assert (a["choices"]["form"], b["choices"]["form"]) == ("qa", "plain")
+    assert "choice questions" in out and "acc_norm" in out
+    assert "## What the model knows" in (sft / "report.md").read_text()
 
 
 @pytest.mark.slow
