@@ -95,6 +95,10 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.n_head = config.n_head
+        # looking inside the model (miniglm/inside.py) sets keep_probs: the same attention, written out,
+        # its probabilities (B, nh, T, S) kept in self.probs; every other path runs SDPA's fused kernel
+        self.keep_probs = False
+        self.probs = None
         # the fixed-shape cache of GPT.static_cache: buffers, so that a compiled decode step
         # (CUDA graphs) may write them in place; not saved with the weights
         self.register_buffer("k_cache", None, persistent=False)
@@ -122,9 +126,23 @@ class CausalSelfAttention(nn.Module):
             is_causal = False
         # no dropout on the attention probabilities: on the CPU it forces SDPA's slow path (+16-30% a
         # step); dropout on the residual branches regularised the demo as well (benchmarks/README.md)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
+        if self.keep_probs:
+            y = self.attention_with_probs(q, k, v, attn_mask, is_causal)  # (B, nh, T, hs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): the heads side by side
         return self.resid_dropout(self.c_proj(y))
+
+    def attention_with_probs(self, q, k, v, attn_mask, is_causal):
+        """What F.scaled_dot_product_attention computes, written out, keeping the probabilities."""
+        T, S = q.size(-2), k.size(-2)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1))  # (B, nh, T, S)
+        if is_causal:  # (only where T == S) query i sees keys 0..i
+            attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        if attn_mask is not None:  # True = attend
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        self.probs = scores.softmax(dim=-1)  # (B, nh, T, S): each query's weights over the keys
+        return self.probs @ v  # (B, nh, T, hs)
 
 
 def prefixed(k, v, attn_mask, T, prefix_k, prefix_v):

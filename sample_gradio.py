@@ -1,6 +1,8 @@
 """
 A Gradio chat page over the same generation code as sample.py: streamed answers,
-multi-turn history, sampling sliders, a checkpoint picker, held-out example questions.
+multi-turn history, sampling sliders, a checkpoint picker, held-out example questions; and an
+Inside tab that looks inside the model (miniglm/inside.py): the answer's token probabilities,
+the attention maps and the logit lens.
 
   python sample_gradio.py                          # http://127.0.0.1:7860, checkpoints under out/
   python sample_gradio.py --out_dir=out/tiny-sft --port 8000
@@ -11,6 +13,8 @@ page or through the API; any other path gets a note and nothing is opened. At mo
 --max_models models are kept loaded; the least recently used one is dropped.
 """
 import argparse
+import html
+import tempfile
 import threading
 from collections import OrderedDict
 from functools import partial
@@ -22,7 +26,10 @@ from data_utils import UserError, invalid_unicode, pick_device, read_jsonl, run_
 from miniglm.checkpoint import load_model
 from miniglm.constraint import CONSTRAINTS
 from miniglm.generation import DEFAULT_DECODING, answer, chat_prompt, model_constraint, model_template
+from miniglm.inside import look as look_inside
+from miniglm.inside import own_answer
 from model import DECODE_MODES
+from visualize import MAX_SHOWN, plot_attention, shown, use_cjk_font
 
 MAX_QUESTION_CHARS = 500
 
@@ -131,14 +138,14 @@ def generation_settings(temperature, top_k, top_p, max_new_tokens, repetition_pe
     return gen
 
 
-def page(respond, choices, sft_data):
-    """The page: the chat on the left, the checkpoint and the decoding settings on the right."""
+def page(respond, look, choices, sft_data):
+    """The page: the chat (the checkpoint and the decoding settings on the right), and the Inside tab."""
     with gr.Blocks(title="MiniGLM chat") as app:
         gr.Markdown(
             "## MiniGLM 问答\nA small GPT, pretrained on Chinese poetry and fine-tuned on 问/答 pairs. "
             "Answers stream token by token; the conversation is kept as context."
         )
-        with gr.Row():
+        with gr.Tab("对话 Chat"), gr.Row():
             with gr.Column(scale=3):
                 chatbot = gr.Chatbot(label="对话", height=420)
                 question = gr.Textbox(label="问题", placeholder="例如: 《静夜思》的作者是谁?", lines=1)
@@ -171,11 +178,92 @@ def page(respond, choices, sft_data):
         send.click(respond, inputs, [chatbot, question], api_name="chat")
         question.submit(respond, inputs, [chatbot, question], api_name=False)
         clear.click(lambda: ([], ""), None, [chatbot, question], api_name="clear")
+        inside_tab(look, choices, chatbot)
     return app
+
+
+def inside_tab(look, choices, chatbot):
+    """The Inside tab (miniglm/inside.py): a checkpoint, a question and an answer (typed, the chat's
+    last one, or the model's own), and the three views of them."""
+    with gr.Tab("Inside 模型内部", elem_id="inside-tab"):
+        gr.Markdown("What the model computes for one question and answer: the probability of each answer token "
+                    "(hover a token for the top-5 alternatives), the attention maps of every layer and head, and "
+                    "the logit lens (each layer's stream read out through the final norm and output layer; hover "
+                    "a cell). An empty answer: the model's own.")
+        with gr.Row():
+            ckpt = gr.Dropdown(choices, value=choices[0] if choices else None, label="checkpoint",
+                               allow_custom_value=False)
+            layer = gr.Number(value=0, precision=0, label="enlarged map: layer (0 = the last)")
+            head = gr.Number(value=1, precision=0, label="head")
+        question = gr.Textbox(label="问题 (a pretrained model: the text)", value="《静夜思》的作者是谁?",
+                              elem_id="inside-question")
+        answer = gr.Textbox(label="答案 (empty: the model's own)", elem_id="inside-answer")
+        with gr.Row():
+            reuse = gr.Button("use the chat's last question and answer")
+            go = gr.Button("Look inside", variant="primary", elem_id="inside-go")
+        note = gr.Markdown(elem_id="inside-note")
+        tokens = gr.HTML(label="token probabilities", elem_id="inside-tokens")
+        attention = gr.Image(label="attention", type="filepath", elem_id="inside-attention")
+        lens = gr.HTML(label="logit lens", elem_id="inside-lens")
+        reuse.click(last_turn, chatbot, [question, answer], api_name=False)
+        go.click(look, [ckpt, question, answer, layer, head], [note, tokens, attention, lens], api_name="inside")
+
+
+def last_turn(history):
+    """The chat's last question and answer, for the Inside tab."""
+    turns = dialogue(history or [])
+    return (turns[-2]["content"], turns[-1]["content"]) if turns else ("", "")
+
+
+INSIDE_CSS = """
+.tok {display: inline-block; position: relative; margin: 2px; padding: 4px 6px; border-radius: 4px;
+      font-size: 20px; color: black; cursor: default}
+.tok .p {display: block; font-size: 10px; text-align: center}
+.tok .alts {display: none; position: absolute; top: 100%; left: 0; z-index: 10; background: white; color: black;
+            border: 1px solid #888; padding: 4px; font-size: 12px; white-space: nowrap}
+.tok:hover .alts {display: block}
+.lens td {padding: 2px 4px; font-size: 12px; text-align: center; color: black}
+"""
+
+
+def color(p):
+    """A probability as a colour from red (0) to green (1)."""
+    return f"hsl({120 * max(0.0, min(1.0, p)):.0f}, 70%, 70%)"
+
+
+def tokens_html(rows):
+    """The answer's tokens, each coloured by its probability, its top-5 alternatives shown on hover."""
+    spans = []
+    for row in rows:
+        alternatives = "<br>".join(f"{html.escape(t)} {p:.3f}" for t, p in row["top"])
+        spans.append(f'<span class="tok" style="background:{color(row["prob"])}">{html.escape(shown(row["token"]))}'
+                     f'<span class="p">{row["prob"]:.2f}</span><span class="alts">{alternatives}</span></span>')
+    return f"<style>{INSIDE_CSS}</style><div>" + "".join(spans) + "</div>"
+
+
+def lens_html(lens, last=MAX_SHOWN):
+    """The logit lens as a table: a row per layer (the last block on top), a column per position;
+    each cell the top token, coloured by how high the text's next token ranks, details on hover."""
+    t0 = max(0, len(lens["tokens"]) - last)
+    positions = range(t0, len(lens["tokens"]) - 1)
+    names = ["embedding"] + [f"block {i}" for i in range(1, len(lens["top"]))]
+    rows = []
+    for i in reversed(range(len(names))):
+        cells = []
+        for t in positions:
+            rank, nxt = lens["next_rank"][i][t], lens["tokens"][t + 1]
+            hint = (f"top: {lens['top'][i][t]} ({lens['top_prob'][i][t]:.3f}); next token {nxt}: rank {rank}, "
+                    f"p {lens['next_prob'][i][t]:.3f}")
+            cells.append(f'<td title="{html.escape(hint)}" style="background:{color(1 - min(rank, 100) / 100)}">'
+                         f"{html.escape(shown(lens['top'][i][t]))}</td>")
+        rows.append(f"<tr><th>{names[i]}</th>{''.join(cells)}</tr>")
+    head = "".join(f"<th>{html.escape(shown(lens['tokens'][t]))}</th>" for t in positions)
+    return f'<style>{INSIDE_CSS}</style><table class="lens"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
 def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
     models = Models(out_dirs, device, max_models, load=partial(open_model, decode_mode=decode_mode))
+    use_cjk_font()  # the Inside tab's attention maps label Chinese tokens
     choices = out_dirs
 
     def respond(
@@ -243,7 +331,38 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             history[-1]["content"] = "(空回答 / empty answer)"
         yield history, ""
 
-    app = page(respond, choices, sft_data)
+    def look(ckpt, question, answer, layer=0, head=1):
+        """The Inside tab: (note, tokens HTML, attention PNG, logit lens HTML)."""
+        question = question if isinstance(question, str) else ""
+        answer = answer if isinstance(answer, str) else ""
+        if not question.strip() or len(question) + len(answer) > 4 * MAX_QUESTION_CHARS:
+            return f"请输入问题 (a question of 1 to {MAX_QUESTION_CHARS} characters).", "", None, ""
+        if invalid_unicode(question + answer):
+            return "问题含有无效字符 (invalid Unicode).", "", None, ""
+        try:
+            model, tok, meta = models.get(ckpt)
+        except (NotServed, UserError) as e:
+            return str(e), "", None, ""
+        template = meta.get("template")
+        if not answer.strip():
+            try:
+                answer = own_answer(model, tok, meta, question)
+            except ValueError as e:
+                return str(e), "", None, ""
+        views = look_inside(model, tok, question, answer, template)
+        layers, heads = len(views["attention"]["maps"]), len(views["attention"]["maps"][0])
+        layer = int(layer or 0) - 1 if 0 < int(layer or 0) <= layers else layers - 1
+        head = int(head or 1) - 1 if 0 < int(head or 1) <= heads else 0
+        picture = Path(tempfile.mkdtemp(prefix="miniglm-inside-")) / "attention.png"
+        plot_attention(views["attention"], picture, f"{Path(ckpt).name}: attention", layer, head)
+        said = "the text" if template is None else f"答: {answer}"
+        note = f"`{meta['weights']}` · {said} · {len(views['ids'])} tokens"
+        prefix = len(views["attention"]["keys"]) - len(views["ids"])
+        if prefix:
+            note += f" · the first {prefix} keys of each attention map are P-Tuning's virtual tokens"
+        return note, tokens_html(views["tokens"]), str(picture), lens_html(views["lens"])
+
+    app = page(respond, look, choices, sft_data)
     # one generation at a time on this device; other users wait in the queue
     return app.queue(default_concurrency_limit=1, max_size=64)
 

@@ -11,6 +11,12 @@ which compares across vocabularies where nats per token do not, and the accuracy
 choice questions, what the model knows, where train.py scored them); for DPO runs also dpo.png
 (trl's reward metrics: chosen and rejected rewards, margin, accuracy), for GRPO runs grpo.png
 (reward and its spread, flat groups, KL, entropy, answer length, dev pass@1).
+
+  python visualize.py --inside --out_dir=out/tiny-sft --text="《静夜思》的作者是谁?"
+
+looks inside a model (miniglm/inside.py) and writes three PNGs to <out_dir>/inside/: the answer's
+token probabilities with the top-5 alternatives, the attention maps of every layer and head (one
+enlarged: --layer, --head), and the logit lens. Without --answer the model's own answer is shown.
 """
 import argparse
 import json
@@ -207,15 +213,179 @@ def save_panels(fig, axes, path):
     return path
 
 
+# ------------------------------------------------------------------ inside the model (miniglm/inside.py)
+CJK_FONTS = ("WenQuanYi Micro Hei", "WenQuanYi Zen Hei", "Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC",
+             "SimHei", "Microsoft YaHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+MAX_SHOWN = 48  # tokens on a figure's axis: a longer text shows its last ones
+
+
+def use_cjk_font():
+    """Draw Chinese tokens with the first CJK font installed (matplotlib falls back to it glyph by
+    glyph); without one they are boxes, and a note says which package brings one."""
+    from matplotlib import font_manager
+    names = {f.name for f in font_manager.fontManager.ttflist}
+    if not any(n in names for n in CJK_FONTS):  # installed after matplotlib cached its font list
+        for path in font_manager.findSystemFonts():
+            if any(key in Path(path).name.lower() for key in ("wqy", "notosanscjk", "notosanssc", "simhei")):
+                font_manager.fontManager.addfont(path)
+        names = {f.name for f in font_manager.fontManager.ttflist}
+    found = [n for n in CJK_FONTS if n in names]
+    if not found:
+        print("note: no CJK font installed (apt-get install fonts-wqy-microhei): Chinese tokens are drawn as boxes")
+    plt.rcParams["font.family"] = ["DejaVu Sans", *found]
+    return bool(found)
+
+
+def shown(text):
+    """A token as a label: a line break as ⏎, a space as ␣."""
+    return text.replace("\n", "⏎").replace(" ", "␣")
+
+
+def plot_token_probs(rows, path, title, per_line=16):
+    """Each answer token on a box coloured by the probability the model gave it (red 0 → green 1),
+    the probability under it and the top-5 alternatives below."""
+    from matplotlib.patches import Rectangle
+    lines = max(1, -(-len(rows) // per_line))
+    fig, ax = plt.subplots(figsize=(1.15 * per_line, 0.6 + 2.6 * lines))
+    cmap = plt.get_cmap("RdYlGn")
+    for j, row in enumerate(rows):
+        line, col = divmod(j, per_line)
+        y = -3.2 * line
+        ax.add_patch(Rectangle((col, y), 0.94, 0.9, color=cmap(row["prob"])))
+        ax.text(col + 0.47, y + 0.45, shown(row["token"]), ha="center", va="center", fontsize=15)
+        ax.text(col + 0.47, y - 0.2, f"{row['prob']:.2f}", ha="center", va="center", fontsize=8)
+        for a, (text, prob) in enumerate(row["top"]):
+            ax.text(col + 0.47, y - 0.55 - 0.42 * a, f"{shown(text)} {prob:.2f}", ha="center", va="center",
+                    fontsize=7, color="black" if text == row["token"] else "dimgray")
+    ax.set_xlim(-0.1, per_line)
+    ax.set_ylim(-3.2 * (lines - 1) - 2.8, 1.1)
+    ax.axis("off")
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(plt.cm.ScalarMappable(cmap=cmap, norm=plt.Normalize(0, 1)), ax=ax, fraction=0.02,
+                 label="probability of the token")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_attention(view, path, title, layer=None, head=None):
+    """The attention maps: one small map per layer (rows) and head (columns), and one head enlarged
+    with its tokens (default: the last layer's first head). Rows are queries, columns keys."""
+    maps = view["maps"]
+    layers, heads = len(maps), len(maps[0])
+    layer = layers - 1 if layer is None else layer
+    head = 0 if head is None else head
+    q0 = max(0, len(view["queries"]) - MAX_SHOWN)  # the last MAX_SHOWN queries, and the keys they see
+    prefix = len(view["keys"]) - len(view["queries"])
+    keys = list(range(prefix)) + [prefix + k for k in range(q0, len(view["queries"]))]
+    fig = plt.figure(figsize=(4 + 1.6 * heads + 9, max(6, 1.6 * layers + 1)))
+    grid = fig.add_gridspec(layers, heads + 1, width_ratios=[1] * heads + [max(3, heads * 1.2)])
+    for i in range(layers):
+        for h in range(heads):
+            ax = fig.add_subplot(grid[i, h])
+            ax.imshow([[maps[i][h][q][k] for k in keys] for q in range(q0, len(view["queries"]))], cmap="viridis",
+                      vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_title(f"L{i + 1} H{h + 1}", fontsize=8, color="red" if (i, h) == (layer, head) else "black")
+    ax = fig.add_subplot(grid[:, heads])
+    image = ax.imshow([[maps[layer][head][q][k] for k in keys] for q in range(q0, len(view["queries"]))],
+                      cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(len(keys)), [shown(view["keys"][k]) for k in keys], fontsize=7, rotation=90)
+    ax.set_yticks(range(len(view["queries"]) - q0), [shown(t) for t in view["queries"][q0:]], fontsize=7)
+    ax.set(xlabel="key (attended to)", ylabel="query", title=f"layer {layer + 1}, head {head + 1}")
+    fig.colorbar(image, ax=ax, fraction=0.03, label="attention probability")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_logit_lens(lens, path, title):
+    """Per layer (rows, the embedding at the bottom) and position (columns): the top token written
+    in the cell, the cell coloured by the rank of the text's next token there (0 = it is the top)."""
+    import math
+    t0 = max(0, len(lens["tokens"]) - MAX_SHOWN)
+    positions = range(t0, len(lens["tokens"]) - 1)  # the last position has no next token
+    ranks = [[math.log10(1 + row[t]) for t in positions] for row in lens["next_rank"]]
+    fig, ax = plt.subplots(figsize=(2 + 0.55 * len(positions), 1.5 + 0.6 * len(ranks)))
+    image = ax.imshow(ranks, cmap="magma_r", vmin=0, vmax=max(1.0, max(map(max, ranks))), origin="lower",
+                      aspect="auto")
+    for i, row in enumerate(lens["top"]):
+        for j, t in enumerate(positions):
+            ax.text(j, i, shown(row[t]), ha="center", va="center", fontsize=7,
+                    color="white" if ranks[i][j] > 1.5 else "black")
+    ax.set_xticks(range(len(positions)), [f"{shown(lens['tokens'][t])}→{shown(lens['tokens'][t + 1])}"
+                                          for t in positions], fontsize=7, rotation=90)
+    ax.set_yticks(range(len(ranks)), ["embedding"] + [f"block {i}" for i in range(1, len(ranks))], fontsize=8)
+    ax.set(xlabel="position: its token → the next token", title=title)
+    fig.colorbar(image, ax=ax, fraction=0.03, label="log10(1 + rank of the next token)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def inside_figures(model, tok, question, answer, template, dest, name="inside", layer=None, head=None):
+    """The three views of one question and answer (miniglm/inside.py), as PNGs in dest: their paths."""
+    from miniglm.inside import look
+    use_cjk_font()
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    views = look(model, tok, question, answer, template)
+    said = f"{question}{answer}" if template is None else f"问: {question}  答: {answer}"
+    said = said if len(said) <= 60 else said[:60] + "…"
+    return [plot_token_probs(views["tokens"], dest / f"{name}-tokens.png", f"token probabilities: {said}"),
+            plot_attention(views["attention"], dest / f"{name}-attention.png", f"attention: {said}", layer, head),
+            plot_logit_lens(views["lens"], dest / f"{name}-lens.png", f"logit lens: {said}")]
+
+
+def inside_main(args):
+    """--inside: the three figures of one text, for the model of args.out_dir."""
+    from miniglm.checkpoint import load_model
+    from miniglm.inside import own_answer
+    if not args.text:
+        raise UserError("--inside needs --text: a question (or, for a pretrained model, a text)")
+    model, tok, ckpt = load_model(args.out_dir, args.device)
+    template = ckpt.get("template")
+    answer = args.answer
+    try:
+        if answer is None:
+            answer = own_answer(model, tok, ckpt, args.text, args.max_new_tokens)
+    except ValueError as e:
+        raise UserError(f"--text: {e}") from None
+    print(f"weights: {ckpt['weights']}")
+    dest = args.dest or Path(args.out_dir if Path(args.out_dir).is_dir() else Path(args.out_dir).parent) / "inside"
+    paths = inside_figures(model, tok, args.text, answer, template, dest, layer=args.layer, head=args.head)
+    print(f"wrote {', '.join(map(str, paths))}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
         "--runs", nargs="+", default=["out/tiny-pretrain", "out/tiny-sft"], help="out_dirs or log.jsonl files"
     )
-    p.add_argument("--out_dir", default="plots")
+    p.add_argument("--out_dir", default=None,
+                   help="where the curves go (default plots/); with --inside: the run (or .pt) to look inside")
     p.add_argument("--log_y", action="store_true", help="log-scale loss axes")
+    p.add_argument("--inside", action="store_true",
+                   help="look inside a model: token probabilities, attention maps and the logit lens of --text")
+    p.add_argument("--text", help="--inside: the question (a pretrained model: the text)")
+    p.add_argument("--answer", help="--inside: the answer to look at (default: the model's own)")
+    p.add_argument("--dest", help="--inside: where the PNGs go (default <out_dir>/inside)")
+    p.add_argument("--layer", type=int, help="--inside: the layer of the enlarged attention map (from 1)")
+    p.add_argument("--head", type=int, help="--inside: its head (from 1)")
+    p.add_argument("--max_new_tokens", type=int, default=48, help="--inside: the model's own answer's length")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    paths = plot_runs([read_run(r) for r in args.runs], args.out_dir, args.log_y)
+    if args.inside:
+        args.out_dir = args.out_dir or "out/tiny-sft"
+        args.layer = None if args.layer is None else args.layer - 1
+        args.head = None if args.head is None else args.head - 1
+        return inside_main(args)
+    paths = plot_runs([read_run(r) for r in args.runs], args.out_dir or "plots", args.log_y)
     print(f"wrote {', '.join(map(str, paths))}")
 
 

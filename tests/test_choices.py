@@ -102,8 +102,8 @@ def test_train_logs_dev_choices_and_trains_the_same(tiny_runs, tiny_sft_data, tm
 # ------------------------------------------------------------------ checked by lm-evaluation-harness
 @pytest.fixture(scope="module")
 def fact_models(sft_dir, tmp_path_factory):
-    """Two tiny models in the full GPT-2 vocabulary (which an HF tokenizer writes exactly): one
-    pretrained on the facts of 40 held-out choice questions (each a line of plain text: 《题》\\n作者:某,
+    """Two tiny models in a BPE trained on the facts (which an HF tokenizer writes exactly):
+    one pretrained on the facts of 40 held-out choice questions (each a line of plain text: 《题》\\n作者:某,
     a half-line and the next, a title and author before the first line), one untrained; and the
     items, in a folder of their own."""
     import train
@@ -113,13 +113,17 @@ def fact_models(sft_dir, tmp_path_factory):
     for split in ("choices_test.jsonl", "choices_dev.jsonl"):
         (out / "data" / split).write_text("".join(json.dumps(it, ensure_ascii=False) + "\n" for it in items),
                                           encoding="utf-8")
-    docs = [{"text": it["plain"] + it["choices"][it["answer"]]} for it in items]
-    (out / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs * 3),
+    docs = [{"text": it["plain"] + it["choices"][it["answer"]]} for it in items] * 3
+    # every choice's text is in the corpus too, and more often than the facts (as in the demo's corpus,
+    # where all are lines and authors of its poems): a BPE that merged only the right ones would give
+    # them fewer tokens, and fewer tokens alone win (an untrained model scored 0.55 on such a BPE)
+    docs += [{"text": "、".join(sorted(it["choices"]))} for it in items] * 10
+    (out / "docs.jsonl").write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs),
                                     encoding="utf-8")
-    run_script("data/prepare.py", "--docs", out / "docs.jsonl", "--bpe_vocab_size", "--val_fraction=0.02")
-    common = [*TINY, "--vocab=gpt2", f"--data_dir={out}", "--block_size=64", "--n_embd=64", "--batch_size=8",
-              "--gradient_accumulation_steps=1", "--choice_set=none"]
-    train.main([*common, f"--out_dir={out / 'trained'}", "--max_iters=300", "--eval_interval=300"])
+    run_script("data/prepare.py", "--docs", out / "docs.jsonl", "--bpe_vocab_size", "2048", "--val_fraction=0.1")
+    common = [*TINY, "--vocab=bpe", "--vocab_size=2048", f"--data_dir={out}", "--block_size=64", "--n_embd=64",
+              "--batch_size=8", "--gradient_accumulation_steps=1", "--choice_set=none"]
+    train.main([*common, f"--out_dir={out / 'trained'}", "--max_iters=200", "--eval_interval=200"])
     train.main([*common, f"--out_dir={out / 'untrained'}", "--max_iters=0"])
     for run in ("trained", "untrained"):
         run_script("export_hf.py", f"--out_dir={out / run}", f"--dest={out / ('hf-' + run)}")
@@ -132,7 +136,7 @@ def lm_eval_results(hf_dir, data, tmp_path):
     lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -r requirements.txt)")
     from lm_eval.tasks import TaskManager
     tasks = tmp_path / "tasks"
-    tasks.mkdir(exist_ok=True)
+    tasks.mkdir(parents=True, exist_ok=True)
     for path in (ROOT / "lm_eval_tasks").glob("*.yaml"):
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
         config["dataset_kwargs"]["data_files"] = {"test": str(data / "choices_test.jsonl"),
@@ -186,5 +190,5 @@ def test_lm_eval_gets_the_projects_scores(fact_models, monkeypatch, tmp_path):
             assert abs(mine["acc_norm"] - acc_norm) <= len(differ) / len(items), (run, task)
             scores[run, task] = acc
     # what is measured is knowledge: lm-eval's own figures rise with training on the facts
-    assert scores["trained", "miniglm_choices_plain"] >= 0.8
+    assert scores["trained", "miniglm_choices_plain"] >= 0.7  # (0.90 on a Zen 4; the untrained one 0.275)
     assert scores["trained", "miniglm_choices_plain"] >= scores["untrained", "miniglm_choices_plain"] + 0.4
