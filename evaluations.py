@@ -150,6 +150,20 @@ def evaluate(path, args, device, questions, decoding):
     return result, preds, greedy
 
 
+def inside_figures(names, runs, questions, args, device, dest):
+    """For the first held-out question and each run's own answer to it: the three views inside the
+    model (token probabilities, attention, logit lens; miniglm/inside.py) as PNGs in dest,
+    {run: [paths]}; none without questions."""
+    if not questions:
+        return {}
+    figures = {}
+    for i, name in enumerate(names):
+        model, tok, ckpt = load_model(name, device, base=args.base)
+        figures[name] = visualize.inside_figures(model, tok, questions[0][0], runs[name][1][0], ckpt.get("template"),
+                                                 dest, name=f"inside-{i + 1}")
+    return figures
+
+
 def print_choices(scores, width):
     """The choice questions' table: acc and acc_norm [95% interval], overall and per type."""
     names = list(scores)
@@ -258,9 +272,9 @@ def main():
         report = Path(run_dir(args.out_dir) / "report.md" if args.report == "auto" else args.report)
         logged = [run_dir(n) for n in reversed(names) if (run_dir(n) / "log.jsonl").exists()]
         plots = visualize.plot_runs([visualize.read_run(r) for r in logged], report.parent) if logged else []
-        write_report(
-            report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain, args.report_answers
-        )
+        inside = inside_figures(names, runs, questions, args, device, report.parent)
+        write_report(report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain,
+                     args.report_answers, inside)
         print(f"wrote {report}")
 
 

@@ -6,7 +6,8 @@
 #   bash setup.sh --test       set up, then run the tests  (python -m pytest -q tests; or the tests named after it)
 #
 # Set-up: Debian's fortunes-zh where apt can install it (the README's figures; without it
-# the demo runs on the corpus in assets/embedded/), then requirements.txt into the active
+# the demo runs on the corpus in assets/embedded/), a CJK font for the figures, with --test
+# Chromium for the browser test (skipped without it), then requirements.txt into the active
 # virtual or conda environment, or else into .venv, made here (python3 -m venv).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +16,10 @@ say() { echo "setup: $*"; }
 in_env=${VIRTUAL_ENV:-${CONDA_PREFIX:-}}
 packages=()
 [ -f /usr/share/games/fortunes/tang300 ] || packages+=(fortunes-zh)
+# a CJK font for the figures that label Chinese tokens (visualize.py --inside, the Gradio page's Inside tab)
+[ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || packages+=(fonts-wqy-microhei)
+# --test: headless Chromium and its driver, for the test that drives the Gradio page in a real browser
+if [ "${1:-}" = "--test" ] && ! command -v chromedriver >/dev/null 2>&1; then packages+=(chromium chromium-driver); fi
 if [ -z "$in_env" ] && [ ! -x .venv/bin/python ] && ! python3 -c "import ensurepip, venv" 2>/dev/null; then
   packages+=(python3-venv)  # Debian's python3 makes no virtual environment without it
 fi
@@ -32,6 +37,7 @@ if [ ${#packages[@]} -gt 0 ]; then
     fi
   fi
   [ -f /usr/share/games/fortunes/tang300 ] || say "without fortunes-zh the demo runs on the embedded corpus (assets/embedded/)"
+  [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || say "without a CJK font the figures draw Chinese tokens as boxes"
 fi
 
 if [ -n "$in_env" ]; then

@@ -183,7 +183,20 @@ def answers_section(runs, questions, decoding, n_answers):
     return lines
 
 
-def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12):
+def inside_section(inside, questions):
+    """## Inside the model: each run's token probabilities, attention maps and logit lens of one answer."""
+    if not inside:
+        return []
+    lines = ["## Inside the model", "", f"The first held-out question, {one_line(questions[0][0])}, and each run's own "
+             "answer to it (a pretrained model: the question and its answer as plain text): the probability of each "
+             "answer token with the top-5 alternatives, the attention maps of every layer and head, and the logit "
+             "lens (miniglm/inside.py).", ""]
+    for name, paths in inside.items():
+        lines += [f"**`{name}`**", ""] + [f"![{p.stem}]({p.name})" for p in paths] + [""]
+    return lines
+
+
+def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12, inside=None):
     """report.md: what a student hands in. The config, size, data and cost of each run, the
     loss plots, the evaluation table and sampled answers."""
     names = list(runs)
@@ -204,4 +217,5 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
     lines += evaluation_section(runs)
     lines += [""] + choices_section(runs)
     lines += answers_section(runs, questions, decoding, n_answers)
+    lines += inside_section(inside, questions)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")

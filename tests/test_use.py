@@ -130,7 +130,10 @@ def test_evaluations_end_to_end(tiny_runs, pretrain_dir, tiny_sft_data, tmp_path
     assert a["choices"]["items"] == b["choices"]["items"] == items > 10
     assert (a["choices"]["form"], b["choices"]["form"]) == ("qa", "plain")
     assert "choice questions" in out and "acc_norm" in out
-    assert "## What the model knows" in (sft / "report.md").read_text()
+    report = (sft / "report.md").read_text()
+    assert "## What the model knows" in report and "## Inside the model" in report
+    for i in (1, 2):  # the three views inside each model, beside the report
+        assert all((sft / f"inside-{i}-{view}.png").is_file() for view in ("tokens", "attention", "lens"))
 
 
 @pytest.mark.slow
