@@ -349,7 +349,7 @@ def inside_main(args):
     if not args.text:
         raise UserError("--inside needs --text: a question (or, for a pretrained model, a text)")
     model, tok, ckpt = load_model(args.out_dir, args.device)
-    template = ckpt.get("template")
+    template = ckpt.get("template") if args.template == "auto" else None if args.template == "plain" else args.template
     answer = args.answer
     try:
         if answer is None:
@@ -375,6 +375,9 @@ def main():
     p.add_argument("--text", help="--inside: the question (a pretrained model: the text)")
     p.add_argument("--answer", help="--inside: the answer to look at (default: the model's own)")
     p.add_argument("--dest", help="--inside: where the PNGs go (default <out_dir>/inside)")
+    p.add_argument("--template", default="auto", choices=["auto", "qa", "chatml", "plain"],
+                   help="--inside: how the text is fed: the model's own template (auto; a pretrained model: plain "
+                        "text), or this one (e.g. a pretrained model in 问/答 form, to compare it with its SFT)")
     p.add_argument("--layer", type=int, help="--inside: the layer of the enlarged attention map (from 1)")
     p.add_argument("--head", type=int, help="--inside: its head (from 1)")
     p.add_argument("--max_new_tokens", type=int, default=48, help="--inside: the model's own answer's length")

@@ -26,18 +26,60 @@ sys.path.insert(0, str(ROOT))
 from data_utils import UserError, run_cli  # noqa: E402
 from miniglm.checkpoint import load_model  # noqa: E402
 from miniglm.generation import generate  # noqa: E402
-from miniglm.inside import forward_inside, head_scores  # noqa: E402
+from miniglm.inside import forward_inside, head_scores, logit_lens, text_ids  # noqa: E402
+from miniglm.metrics import held_out_questions  # noqa: E402
 
 
 def heads_table(name, scores):
-    """A markdown table: a row per layer, a cell per head: previous-token / induction score."""
+    """A markdown table: a row per layer, a cell per head: previous-token / induction score on
+    repeated random tokens, and the previous-token score on real text."""
     heads = len(scores["induction"][0])
-    lines = [f"`{name}` (previous-token / induction; {scores['rows']} sequences of {scores['tokens']} random "
-             "tokens, each repeated once)", "", "| layer | " + " | ".join(f"head {h + 1}" for h in range(heads)) + " |",
-             "|---" * (heads + 1) + "|"]
+    u = scores["uniform"]
+    lines = [f"`{name}`: previous-token / induction score on {scores['rows']} sequences of {scores['tokens']} random "
+             f"tokens, each repeated once (even attention would score {u['previous_token']:.3f} / "
+             f"{u['induction']:.3f}); previous-token score on real text"
+             + (f" (even attention: {u['previous_token_text']:.3f})" if "previous_token_text" in u else ""), "",
+             "| layer | " + " | ".join(f"head {h + 1}" for h in range(heads)) + " |", "|---" * (heads + 1) + "|"]
     for i, (prev, ind) in enumerate(zip(scores["previous_token"], scores["induction"])):
-        lines.append(f"| {i + 1} | " + " | ".join(f"{p:.2f} / {d:.2f}" for p, d in zip(prev, ind)) + " |")
+        text = scores.get("previous_token_text", [[None] * heads] * (i + 1))[i]
+        lines.append(f"| {i + 1} | " + " | ".join(
+            f"{p:.3f} / {d:.3f}; text {t:.3f}" if t is not None else f"{p:.3f} / {d:.3f}"
+            for p, d, t in zip(prev, ind, text)) + " |")
     return "\n".join(lines)
+
+
+def lens_table(runs, questions):
+    """How the answer forms across the layers: for the reference answers of held-out questions, fed
+    in the 问/答 template to each model, the share of answer tokens that each layer's logit lens
+    already predicts (the next token is its top one) and the median rank of the next token."""
+    shares = {}
+    for run in runs:
+        model, tok, _ = load_model(run, "cpu")
+        ranks = [[] for _ in range(model.config.n_layer + 1)]  # per layer: the next token's rank, each answer token
+        for question, reference in questions:
+            ids, start = text_ids(tok, question, reference, "qa")
+            cut = max(0, len(ids) - model.context_size)
+            ids, start = ids[cut:], max(1, start - cut)
+            lens = logit_lens(model, tok, ids, forward_inside(model, ids))
+            for layer, row in enumerate(lens["next_rank"]):
+                ranks[layer] += row[start - 1:len(ids) - 1]  # the positions that predict the answer's tokens
+        shares[run] = [(sum(r == 0 for r in rs) / len(rs), statistics.median(rs)) for rs in ranks]
+    layers = max(len(v) for v in shares.values())
+    lines = [f"answer tokens of {len(questions)} held-out questions (reference answers, 问/答 template): the share "
+             "whose next token is the lens's top one / the next token's median rank", "",
+             "| layer | " + " | ".join(f"`{r}`" for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for i in range(layers):
+        name = "embedding" if i == 0 else f"block {i}"
+        lines.append(f"| {name} | " + " | ".join(f"{shares[r][i][0]:.3f} / {shares[r][i][1]:g}" for r in runs) + " |")
+    return "\n".join(lines)
+
+
+def real_texts(model, tok, data_dir, n=8):
+    """n windows of the pretraining val text (in the model's vocabulary), context_size tokens each."""
+    from data_utils import PretrainData
+    tokens = PretrainData(data_dir, model.context_size, tok).tokens("val")
+    T = model.context_size
+    return [tok.from_file_ids(tokens[i * T:(i + 1) * T]).tolist() for i in range(min(n, len(tokens) // T))]
 
 
 def model_module_at(rev):
@@ -105,11 +147,18 @@ def main():
     p.add_argument("--repeats", type=int, default=20)
     p.add_argument("--batch", type=int, default=8, help="rows of a training step")
     p.add_argument("--rows", type=int, default=16, help="random sequences for the head scores")
+    p.add_argument("--sft_data", default="data/sft", help="held-out questions for the logit lens table ('' skips it)")
+    p.add_argument("--lens_questions", type=int, default=100)
+    p.add_argument("--text_data", default="data/fortunes-zh",
+                   help="a pretraining data folder whose val text gives the previous-token score on real text")
     args = p.parse_args()
     torch.manual_seed(0)
     for run in args.runs:
-        model, _, _ = load_model(run, "cpu")
-        print(heads_table(run, head_scores(model, rows=args.rows)) + "\n")
+        model, tok, _ = load_model(run, "cpu")
+        texts = real_texts(model, tok, args.text_data) if args.text_data else ()
+        print(heads_table(run, head_scores(model, rows=args.rows, texts=texts)) + "\n")
+    if args.sft_data:
+        print(lens_table(args.runs, held_out_questions(args.sft_data, args.lens_questions)) + "\n")
     if args.before:
         before = model_module_at(args.before)
         rows, (plain, looked, tokens) = speed(args.runs[-1], before, args.repeats, args.batch)

@@ -155,11 +155,13 @@ def look(model, tok, question, answer, template):
 
 
 @torch.no_grad()
-def head_scores(model, n_tokens=None, rows=16, seed=0):
+def head_scores(model, n_tokens=None, rows=16, seed=0, texts=()):
     """Per layer and head (lists of lists): the previous-token score, the mean attention of each
     token to the one before it, and the induction score, the mean attention of each token of a
     repeated half to the token after its earlier occurrence; on rows sequences of n_tokens
-    random tokens, each repeated once (half the context by default, at most 50)."""
+    random tokens of the model's vocabulary, each repeated once (half the context by default,
+    at most 50). "uniform": what a head that spread its attention evenly would score. With texts
+    (lists of ids of real text), "previous_token_text": the previous-token score on them."""
     n = n_tokens or min(50, model.context_size // 2)
     vocab = model.lm_head.weight.size(0)
     g = torch.Generator().manual_seed(seed)
@@ -172,5 +174,18 @@ def head_scores(model, n_tokens=None, rows=16, seed=0):
         previous = previous + attention[:, :, t, p + t - 1].mean(dim=-1)
         t = torch.arange(n, 2 * n)  # the repeat: token t is token t - n again, followed before by t - n + 1
         induction = induction + attention[:, :, t, p + t - n + 1].mean(dim=-1)
-    return {"previous_token": (previous / rows).tolist(), "induction": (induction / rows).tolist(), "tokens": n,
-            "rows": rows}
+    keys = lambda t: t + 1 + p  # noqa: E731  (the keys query t sees)
+    uniform = {"previous_token": sum(1 / keys(t) for t in range(1, 2 * n)) / (2 * n - 1),
+               "induction": sum(1 / keys(t) for t in range(n, 2 * n)) / n}
+    scores = {"previous_token": (previous / rows).tolist(), "induction": (induction / rows).tolist(), "tokens": n,
+              "rows": rows, "uniform": uniform}
+    if texts:
+        on_text = 0
+        for ids in texts:
+            attention = forward_inside(model, ids)["attention"]
+            t = torch.arange(1, len(ids))
+            on_text = on_text + attention[:, :, t, attention.size(-1) - len(ids) + t - 1].mean(dim=-1)
+        scores["previous_token_text"] = (on_text / len(texts)).tolist()
+        uniform["previous_token_text"] = sum(sum(1 / (t + 1) for t in range(1, len(ids))) / (len(ids) - 1)
+                                             for ids in texts) / len(texts)
+    return scores
