@@ -11,6 +11,7 @@ import yaml
 
 from conftest import ROOT, TINY, make_sft_data, read_log, run_script
 from miniglm import choices
+from miniglm.adapters import add_adapter
 from miniglm.metrics import held_out_questions
 from miniglm.tokenizer import GPT2
 from model import GPT, GPTConfig
@@ -47,10 +48,20 @@ def _docs_of(sft_dir):
     return json.loads((sft_dir / "meta.json").read_text())["source"][0]
 
 
-def test_loglikelihoods_batched_as_one_by_one():
-    """The batched, right-padded scores are each continuation's log-probability, computed plainly."""
+@pytest.mark.parametrize("adapter", [None, "lora", "ptuning"])
+def test_loglikelihoods_batched_as_one_by_one(adapter):
+    """The batched, right-padded scores are each continuation's log-probability, computed plainly;
+    with an adapter (a LoRA, a P-Tuning prefix) as well."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=GPT2.vocab_size)).eval()
+    if adapter == "lora":
+        model = add_adapter(model, {"method": "lora", "r": 4, "alpha": 8.0, "dropout": 0.0, "targets": ["attn.c_attn"]})
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.5)
+    elif adapter == "ptuning":
+        model = add_adapter(model, {"method": "ptuning", "num_virtual_tokens": 4, "prefix_projection": False,
+                                    "encoder_hidden_size": 16})
     rng = random.Random(0)
     pairs = [([rng.randrange(50000) for _ in range(rng.randint(1, 20))],
               [rng.randrange(50000) for _ in range(rng.randint(1, 6))]) for _ in range(12)]
