@@ -35,7 +35,7 @@ from miniglm.generation import (
     model_constraint,
     model_template,
 )
-from miniglm.metrics import answer_metrics, held_out_questions
+from miniglm.metrics import KEY_FACTS, answer_metrics, held_out_questions, question_type
 from miniglm.report import GREEDY_METRICS, METRICS, decoding_label, fmt, run_dir, write_report
 from model import DECODE_MODES
 
@@ -151,17 +151,18 @@ def evaluate(path, args, device, questions, decoding):
 
 
 def inside_figures(names, runs, questions, args, device, dest):
-    """For the first held-out question and each run's own answer to it: the three views inside the
-    model (token probabilities, attention, logit lens; miniglm/inside.py) as PNGs in dest,
-    {run: [paths]}; none without questions."""
+    """For the first held-out question with a fact (an author, a next line; else the first) and each
+    run's own answer to it: the three views inside the model (token probabilities, attention, logit
+    lens; miniglm/inside.py) as PNGs in dest, {run: [paths]}, and the question; none without questions."""
     if not questions:
-        return {}
+        return {}, None
+    asked = next((i for i, (q, _) in enumerate(questions) if question_type(q) in KEY_FACTS), 0)
     figures = {}
     for i, name in enumerate(names):
         model, tok, ckpt = load_model(name, device, base=args.base)
-        figures[name] = visualize.inside_figures(model, tok, questions[0][0], runs[name][1][0], ckpt.get("template"),
-                                                 dest, name=f"inside-{i + 1}")
-    return figures
+        figures[name] = visualize.inside_figures(model, tok, questions[asked][0], runs[name][1][asked],
+                                                 ckpt.get("template"), dest, name=f"inside-{i + 1}")
+    return figures, questions[asked][0]
 
 
 def print_choices(scores, width):
@@ -274,7 +275,7 @@ def main():
         plots = visualize.plot_runs([visualize.read_run(r) for r in logged], report.parent) if logged else []
         inside = inside_figures(names, runs, questions, args, device, report.parent)
         write_report(report, {n: runs[n][:2] for n in names}, questions, plots, decoding, args.constrain,
-                     args.report_answers, inside)
+                     args.report_answers, *inside)
         print(f"wrote {report}")
 
 

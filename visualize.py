@@ -310,14 +310,14 @@ def plot_logit_lens(lens, path, title):
     t0 = max(0, len(lens["tokens"]) - MAX_SHOWN)
     positions = range(t0, len(lens["tokens"]) - 1)  # the last position has no next token
     ranks = [[math.log10(1 + row[t]) for t in positions] for row in lens["next_rank"]]
-    fig, ax = plt.subplots(figsize=(2 + 0.55 * len(positions), 1.5 + 0.6 * len(ranks)))
+    fig, ax = plt.subplots(figsize=(2 + 0.55 * len(positions), 2.8 + 0.6 * len(ranks)))
     image = ax.imshow(ranks, cmap="magma_r", vmin=0, vmax=max(1.0, max(map(max, ranks))), origin="lower",
                       aspect="auto")
     for i, row in enumerate(lens["top"]):
         for j, t in enumerate(positions):
             ax.text(j, i, shown(row[t]), ha="center", va="center", fontsize=7,
                     color="white" if ranks[i][j] > 1.5 else "black")
-    ax.set_xticks(range(len(positions)), [f"{shown(lens['tokens'][t])}→{shown(lens['tokens'][t + 1])}"
+    ax.set_xticks(range(len(positions)), [f"{shown(lens['tokens'][t])[:14]}→{shown(lens['tokens'][t + 1])[:14]}"
                                           for t in positions], fontsize=7, rotation=90)
     ax.set_yticks(range(len(ranks)), ["embedding"] + [f"block {i}" for i in range(1, len(ranks))], fontsize=8)
     ax.set(xlabel="position: its token → the next token", title=title)

@@ -183,11 +183,11 @@ def answers_section(runs, questions, decoding, n_answers):
     return lines
 
 
-def inside_section(inside, questions):
+def inside_section(inside, question):
     """## Inside the model: each run's token probabilities, attention maps and logit lens of one answer."""
     if not inside:
         return []
-    lines = ["## Inside the model", "", f"The first held-out question, {one_line(questions[0][0])}, and each run's own "
+    lines = ["## Inside the model", "", f"A held-out question, {one_line(question)}, and each run's own "
              "answer to it (a pretrained model: the question and its answer as plain text): the probability of each "
              "answer token with the top-5 alternatives, the attention maps of every layer and head, and the logit "
              "lens (miniglm/inside.py).", ""]
@@ -196,7 +196,8 @@ def inside_section(inside, questions):
     return lines
 
 
-def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12, inside=None):
+def write_report(path, runs, questions, plots, decoding, constrain="chars", n_answers=12, inside=None,
+                 inside_question=None):
     """report.md: what a student hands in. The config, size, data and cost of each run, the
     loss plots, the evaluation table and sampled answers."""
     names = list(runs)
@@ -217,5 +218,5 @@ def write_report(path, runs, questions, plots, decoding, constrain="chars", n_an
     lines += evaluation_section(runs)
     lines += [""] + choices_section(runs)
     lines += answers_section(runs, questions, decoding, n_answers)
-    lines += inside_section(inside, questions)
+    lines += inside_section(inside, inside_question)
     atomic_write(path, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
