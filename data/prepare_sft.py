@@ -142,6 +142,10 @@ def write_choice_sets(out_dir, poems_paths, seed, dev_questions=DEV_QUESTIONS):
     trained = {m["content"] for _, c in records for m in c["messages"] if m["role"] == "user"}
     for split, qs in questions.items():
         items = build_items(qs, poems, seed, line_poems, trained)
+        if not items:  # (a small set: no dev questions past the scored ones)
+            choice_file(out_dir, split).unlink(missing_ok=True)
+            print(f"no {split} choice questions: {len(qs)} held-out questions for them")
+            continue
         records = [json.dumps(item, ensure_ascii=False) + "\n" for item in items]
         atomic_write(choice_file(out_dir, split), lambda f: f.writelines(records), mode="w")
         counts = ", ".join(f"{kind} {sum(it['type'] == kind for it in items)}" for kind in TYPES)
