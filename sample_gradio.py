@@ -261,6 +261,46 @@ def lens_html(lens, last=MAX_SHOWN):
     return f'<style>{INSIDE_CSS}</style><table class="lens"><tr><th></th>{head}</tr>{"".join(rows)}</table>'
 
 
+def inside_handler(models):
+    """The Inside tab's handler over the page's checkpoints."""
+    def look(ckpt, question, answer, layer=0, head=1):
+        """The Inside tab: (note, tokens HTML, attention PNG, logit lens HTML)."""
+        question = question if isinstance(question, str) else ""
+        answer = answer if isinstance(answer, str) else ""
+        if not question.strip() or len(question) + len(answer) > 4 * MAX_QUESTION_CHARS:
+            return f"请输入问题 (a question of 1 to {MAX_QUESTION_CHARS} characters).", "", None, ""
+        if invalid_unicode(question + answer):
+            return "问题含有无效字符 (invalid Unicode).", "", None, ""
+        try:
+            model, tok, meta = models.get(ckpt)
+        except (NotServed, UserError) as e:
+            return str(e), "", None, ""
+        template = meta.get("template")
+        if not answer.strip():
+            try:
+                answer = own_answer(model, tok, meta, question)
+            except ValueError as e:
+                return str(e), "", None, ""
+        views = look_inside(model, tok, question, answer, template)
+        layers, heads = len(views["attention"]["maps"]), len(views["attention"]["maps"][0])
+        try:  # (the page's fields are whole numbers; the API may send anything)
+            layer, head = int(layer or 0), int(head or 1)
+        except (TypeError, ValueError):
+            layer, head = 0, 1
+        layer = layer - 1 if 0 < layer <= layers else layers - 1  # 0 or out of range: the last layer
+        head = head - 1 if 0 < head <= heads else 0
+        picture = Path(tempfile.mkdtemp(prefix="miniglm-inside-")) / "attention.png"
+        plot_attention(views["attention"], picture, f"{Path(ckpt).name}: attention", layer, head)
+        said = "the text" if template is None else f"答: {answer}"
+        note = f"`{meta['weights']}` · {said} · {len(views['ids'])} tokens"
+        prefix = len(views["attention"]["keys"]) - len(views["ids"])
+        if prefix:
+            note += f" · the first {prefix} keys of each attention map are P-Tuning's virtual tokens"
+        return note, tokens_html(views["tokens"]), str(picture), lens_html(views["lens"])
+
+    return look
+
+
 def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_mode="eager"):
     models = Models(out_dirs, device, max_models, load=partial(open_model, decode_mode=decode_mode))
     use_cjk_font()  # the Inside tab's attention maps label Chinese tokens
@@ -331,38 +371,7 @@ def build_app(out_dirs, sft_data="data/sft", device="cpu", max_models=2, decode_
             history[-1]["content"] = "(空回答 / empty answer)"
         yield history, ""
 
-    def look(ckpt, question, answer, layer=0, head=1):
-        """The Inside tab: (note, tokens HTML, attention PNG, logit lens HTML)."""
-        question = question if isinstance(question, str) else ""
-        answer = answer if isinstance(answer, str) else ""
-        if not question.strip() or len(question) + len(answer) > 4 * MAX_QUESTION_CHARS:
-            return f"请输入问题 (a question of 1 to {MAX_QUESTION_CHARS} characters).", "", None, ""
-        if invalid_unicode(question + answer):
-            return "问题含有无效字符 (invalid Unicode).", "", None, ""
-        try:
-            model, tok, meta = models.get(ckpt)
-        except (NotServed, UserError) as e:
-            return str(e), "", None, ""
-        template = meta.get("template")
-        if not answer.strip():
-            try:
-                answer = own_answer(model, tok, meta, question)
-            except ValueError as e:
-                return str(e), "", None, ""
-        views = look_inside(model, tok, question, answer, template)
-        layers, heads = len(views["attention"]["maps"]), len(views["attention"]["maps"][0])
-        layer = int(layer or 0) - 1 if 0 < int(layer or 0) <= layers else layers - 1
-        head = int(head or 1) - 1 if 0 < int(head or 1) <= heads else 0
-        picture = Path(tempfile.mkdtemp(prefix="miniglm-inside-")) / "attention.png"
-        plot_attention(views["attention"], picture, f"{Path(ckpt).name}: attention", layer, head)
-        said = "the text" if template is None else f"答: {answer}"
-        note = f"`{meta['weights']}` · {said} · {len(views['ids'])} tokens"
-        prefix = len(views["attention"]["keys"]) - len(views["ids"])
-        if prefix:
-            note += f" · the first {prefix} keys of each attention map are P-Tuning's virtual tokens"
-        return note, tokens_html(views["tokens"]), str(picture), lens_html(views["lens"])
-
-    app = page(respond, look, choices, sft_data)
+    app = page(respond, inside_handler(models), choices, sft_data)
     # one generation at a time on this device; other users wait in the queue
     return app.queue(default_concurrency_limit=1, max_size=64)
 

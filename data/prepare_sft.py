@@ -23,7 +23,6 @@ import bisect
 import codecs
 import json
 import random
-import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from data.sft_formats import FORMATS, read_records  # noqa: E402
 from data_utils import UserError, atomic_write, read_jsonl, run_cli, write_json  # noqa: E402
 from miniglm.chat_template import TEMPLATES, join_segments, message_segments  # noqa: E402
-from miniglm.choices import TYPES, build_items, choice_file, held_out_poems  # noqa: E402
+from miniglm.choices import TYPES, build_items, choice_file, half_lines, held_out_poems  # noqa: E402
 from miniglm.metrics import held_out_questions  # noqa: E402
 from miniglm.tokenizer import GPT2, load_vocab_file, tokenizer_from_state  # noqa: E402
 
@@ -44,11 +43,6 @@ DEV_QUESTIONS = 64  # the ones after them: GRPO's dev questions (grpo_dev_questi
 
 
 # ------------------------------------------------------------------ the default data set
-def clauses(lines):
-    """Poem lines split into half-lines: 床前明月光，疑是地上霜。 → 床前明月光 / 疑是地上霜"""
-    return [c for ln in lines for c in re.split(r"[，,。？！；：、?!;:]", ln) if c.strip()]
-
-
 def poem_conversations(poem, rng, all_next_lines=True):
     """Questions about one poem, answered from its text. all_next_lines adds a 下一句 question
     for every other pair of half-lines too, marked train_only (the held-out questions stay
@@ -59,7 +53,7 @@ def poem_conversations(poem, rng, all_next_lines=True):
     if author:
         qa += [(f"《{title}》的作者是谁?", f"《{title}》的作者是{author}。"),
                (f"请写出{author}的《{title}》。", body)]
-    half = clauses(lines)
+    half = half_lines(lines)
     next_line = lambda i: (f"“{half[i]}”的下一句是什么?", f"“{half[i]}”的下一句是“{half[i + 1]}”。")  # noqa: E731
     asked = sorted(rng.sample(range(max(0, len(half) - 1)), max(0, min(3, len(half) - 1))))
     chat = lambda q, a: {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}  # noqa: E731

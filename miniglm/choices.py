@@ -36,13 +36,14 @@ from miniglm.chat_template import render_prompt
 SPLITS = {"test": "choices_test.jsonl", "dev": "choices_dev.jsonl"}
 TYPES = ("作者", "下一句", "首句")
 FIELDS = {"type": str, "question": str, "answer_prefix": str, "plain": str, "choices": list, "answer": int}
-HALF_LINE_END = r"[，,。？！；：、?!;:]"  # what ends a half-line (data/prepare_sft.py's clauses)
+HALF_LINE_END = r"[，,。？！；：、?!;:]"  # what ends a half-line
 CHANCE = 0.25
 
 
 # ------------------------------------------------------------------ building the set
 def half_lines(lines):
-    """Poem lines split into half-lines: 床前明月光，疑是地上霜。 → 床前明月光 / 疑是地上霜"""
+    """Poem lines split into half-lines: 床前明月光，疑是地上霜。 → 床前明月光 / 疑是地上霜
+    (the default SFT set's 下一句 questions are made of them too: data/prepare_sft.py)"""
     return [c for ln in lines for c in re.split(HALF_LINE_END, ln) if c.strip()]
 
 

@@ -395,7 +395,7 @@ def test_every_next_line_is_drilled_in_training_only():
     every = prepare_sft.poem_conversations(poem, random.Random(3))
     asked = lambda convs: [c["messages"][0]["content"] for c in convs if "下一句" in c["messages"][0]["content"]]  # noqa: E731
     assert len(asked(few)) == 3 and sorted(asked(every)) == sorted(
-        f"“{h}”的下一句是什么?" for h in prepare_sft.clauses(poem["lines"])[:-1]
+        f"“{h}”的下一句是什么?" for h in prepare_sft.half_lines(poem["lines"])[:-1]
     )
     assert [c for c in every if not c.get("train_only")] == few  # the same questions, and the rng used alike
     assert all("下一句" in c["messages"][0]["content"] for c in every if c.get("train_only"))
