@@ -37,7 +37,8 @@ if [ ${#packages[@]} -gt 0 ]; then
     fi
   fi
   [ -f /usr/share/games/fortunes/tang300 ] || say "without fortunes-zh the demo runs on the embedded corpus (assets/embedded/)"
-  [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] || say "without a CJK font the figures draw Chinese tokens as boxes"
+  [ -f /usr/share/fonts/truetype/wqy/wqy-microhei.ttc ] \
+    || say "without a CJK font the figures draw Chinese tokens as boxes"
 fi
 
 if [ -n "$in_env" ]; then

@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from data_utils import UserError, run_cli  # noqa: E402
 from miniglm.checkpoint import load_model  # noqa: E402
 from miniglm.generation import generate  # noqa: E402
-from miniglm.inside import forward_inside, head_scores, logit_lens, text_ids  # noqa: E402
+from miniglm.inside import forward_inside, head_scores, look  # noqa: E402
 from miniglm.metrics import held_out_questions  # noqa: E402
 
 
@@ -57,12 +57,9 @@ def lens_table(runs, questions):
         model, tok, _ = load_model(run, "cpu")
         ranks = [[] for _ in range(model.config.n_layer + 1)]  # per layer: the next token's rank, each answer token
         for question, reference in questions:
-            ids, start = text_ids(tok, question, reference, "qa")
-            cut = max(0, len(ids) - model.context_size)
-            ids, start = ids[cut:], max(1, start - cut)
-            lens = logit_lens(model, tok, ids, forward_inside(model, ids))
-            for layer, row in enumerate(lens["next_rank"]):
-                ranks[layer] += row[start - 1:len(ids) - 1]  # the positions that predict the answer's tokens
+            views = look(model, tok, question, reference, "qa")
+            for layer, row in enumerate(views["lens"]["next_rank"]):
+                ranks[layer] += row[views["start"] - 1:len(views["ids"]) - 1]  # the positions predicting the answer
         shares[run] = [(sum(r == 0 for r in rs) / len(rs), statistics.median(rs)) for rs in ranks]
     layers = max(len(v) for v in shares.values())
     lines = [f"answer tokens of {len(questions)} held-out questions (reference answers, 问/答 template): the share "

@@ -83,10 +83,12 @@ def build_items(questions, poems, seed, line_poems, trained=()):
     for p in poems:
         by_title.setdefault(p["title"], []).append(p)
 
+    line_halves = [(p["text"], half_lines(p["lines"])) for p in line_poems]
+
     def wrong_lines(right, own_texts):
         """Three half-lines of right's length from line_poems other than the question's own."""
-        own = {h for p in line_poems if p["text"] in own_texts for h in half_lines(p["lines"])}
-        pool = [h for p in line_poems for h in half_lines(p["lines"]) if len(h) == len(right) and h not in own]
+        own = {h for text, halves in line_halves if text in own_texts for h in halves}
+        pool = [h for _, halves in line_halves for h in halves if len(h) == len(right) and h not in own]
         return distractors(right, pool, rng)
 
     items, seen = [], set()
@@ -173,15 +175,16 @@ def split_pair(tok, context, continuation):
 def requests(tok, item, template):
     """(context ids, continuation ids) for each choice of an item. template None: the plain-text
     form (a pretrained model); else the question in that chat template, then answer_prefix."""
+    if template is None:
+        return [split_pair(tok, item["plain"], choice) for choice in item["choices"]]
+    prompt = render_prompt(tok, [], item["question"], template)
     pairs = []
-    for choice in item["choices"]:
-        if template is None:
-            pairs.append(split_pair(tok, item["plain"], choice))
-        else:  # the answer's text is tokenized as training tokenizes it: whole, after the template's head
-            prompt = render_prompt(tok, [], item["question"], template)
-            prefix_ids, choice_ids = split_pair(tok, item["answer_prefix"], choice) if item["answer_prefix"] else \
-                ([], tok.encode(choice))
-            pairs.append((prompt + prefix_ids, choice_ids))
+    for choice in item["choices"]:  # the answer's text is tokenized as training tokenizes it: whole, after the head
+        if item["answer_prefix"]:
+            prefix_ids, choice_ids = split_pair(tok, item["answer_prefix"], choice)
+        else:  # (lm-eval's split needs a context: with none, the choice is the whole answer)
+            prefix_ids, choice_ids = [], tok.encode(choice)
+        pairs.append((prompt + prefix_ids, choice_ids))
     return pairs
 
 
@@ -233,6 +236,11 @@ def summary(correct, correct_norm):
             "acc_norm": sum(correct_norm) / n, "acc_norm_ci": wilson_interval(sum(correct_norm), n)}
 
 
+def best(values):
+    """The index of the highest value, the first of a tie (as numpy's argmax, which lm-eval uses)."""
+    return max(range(len(values)), key=values.__getitem__)
+
+
 def score(model, tok, items, template):
     """acc and acc_norm (with 95% intervals) overall and per type, and each item's
     log-likelihoods ("logliks"), of a model on choice items (template None: the plain form)."""
@@ -245,9 +253,9 @@ def score(model, tok, items, template):
     for item in items:
         per_item.append(flat[start:start + len(item["choices"])])
         start += len(item["choices"])
-    correct = [int(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for it, ll in zip(items, per_item)]
-    normed = [[v / len(c) for v, c in zip(ll, it["choices"])] for it, ll in zip(items, per_item)]
-    correct_norm = [int(max(range(len(ll)), key=ll.__getitem__) == it["answer"]) for it, ll in zip(items, normed)]
+    normed = [[v / len(c) for v, c in zip(ll, it["choices"])] for it, ll in zip(items, per_item)]  # per character
+    correct = [int(best(ll) == it["answer"]) for it, ll in zip(items, per_item)]
+    correct_norm = [int(best(ll) == it["answer"]) for it, ll in zip(items, normed)]
     result = summary(correct, correct_norm)
     result["form"] = "plain" if template is None else template
     result["by_type"] = {}

@@ -148,7 +148,8 @@ def look(model, tok, question, answer, template):
     """All three views of one text: {"ids", "start", "tokens" (token_probabilities), "attention",
     "lens"}."""
     ids, start = text_ids(tok, question, answer, template)
-    ids = ids[-model.context_size:]
+    cut = max(0, len(ids) - model.context_size)  # a text longer than the context keeps its end
+    ids, start = ids[cut:], max(1, start - cut)
     inside = forward_inside(model, ids)
     return {"ids": ids, "start": start, "tokens": token_probabilities(tok, ids, inside["logits"], start),
             "attention": attention_view(tok, ids, inside), "lens": logit_lens(model, tok, ids, inside)}
